@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Wall time of `tdx-preflight check` on a large fixture host, against the click floor.
+
+Builds (under /dev/shm when present) a host of 256 CPUs, 128 VMs of which 64
+are TDs, N other processes and a 200,000-line kallsyms, then prints the median
+of 10 runs of `tdx-preflight check --root FIXTURE --format json` beside the
+median of `python -c "import click"` with the same interpreter, and the ratio.
+The same is measured with 200 other processes instead of 20,000: with debugfs
+present the cost must follow the VMs, not the processes.
+
+    python bench/check_speed.py [--runs 10] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from hostbuilder import VmProc, build, qemu_td_cmdline, qemu_vm_cmdline, tdx_host
+
+
+def fixture(root: Path, other_processes: int) -> Path:
+    procs = []
+    for i in range(128):
+        pid = 100_000 + i * 10
+        if i < 64:
+            procs.append(
+                VmProc(
+                    pid=pid,
+                    cmdline=qemu_td_cmdline(f"td{i}"),
+                    comm=f"td{i}",
+                    cgroup=f"/machine.slice/td{i}.scope",
+                    misc_tdx=1,
+                )
+            )
+        else:
+            procs.append(
+                VmProc(
+                    pid=pid, cmdline=qemu_vm_cmdline(f"vm{i}"), cgroup=f"/machine.slice/vm{i}.scope"
+                )
+            )
+    spec = tdx_host(
+        cpus=256,
+        sockets=2,
+        processes=procs,
+        other_processes=other_processes,
+        kallsyms_filler=200_000,
+        misc_current={"tdx": 64},
+    )
+    return build(root, spec)
+
+
+def medians(commands: dict[str, list[str]], runs: int) -> dict[str, float]:
+    """Median wall time of each command; runs interleaved so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for cmd in commands.values():  # one warm-up each (page cache, dentries)
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(runs):
+        for name, cmd in commands.items():
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            times[name].append(time.perf_counter() - start)
+            if proc.returncode not in (0, 1, 3):
+                raise SystemExit(f"{cmd} failed: {proc.stderr.decode()}")
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--keep", action="store_true", help="keep the fixtures")
+    args = ap.parse_args()
+    script = Path(sys.executable).parent / "tdx-preflight"
+    if not script.exists():
+        script = Path(shutil.which("tdx-preflight") or "tdx-preflight")
+    # A regular install compiles bytecode; make sure this tree has it too.
+    package = Path(__file__).resolve().parent.parent / "tdx_preflight"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
+    base = Path(
+        tempfile.mkdtemp(prefix="tdx-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    )
+    try:
+        t0 = time.perf_counter()
+        big = fixture(base / "big", 20_000)
+        small = fixture(base / "small", 200)
+        print(f"fixtures built in {time.perf_counter() - t0:.1f} s under {base}")
+        check = [str(script), "check", "--format", "json", "--root"]
+        m = medians(
+            {
+                "floor": [sys.executable, "-c", "import click"],
+                "big": [*check, str(big)],
+                "small": [*check, str(small)],
+            },
+            args.runs,
+        )
+        floor, t_big, t_small = m["floor"], m["big"], m["small"]
+        print(f"median of {args.runs} runs")
+        print(f"  python -c 'import click'           {floor * 1000:7.1f} ms   (floor)")
+        print(
+            f"  check, 20,000 other processes      {t_big * 1000:7.1f} ms   "
+            f"{t_big / floor:4.2f}x floor (target <= 1.5x)"
+        )
+        print(
+            f"  check, 200 other processes         {t_small * 1000:7.1f} ms   "
+            f"{t_small / floor:4.2f}x floor"
+        )
+        print(f"  20,000 vs 200 processes            {t_big / t_small:7.3f}x    (target <= 1.10x)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

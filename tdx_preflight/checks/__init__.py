@@ -1,0 +1,21 @@
+"""The checklist: one module per area, each check declared next to its function."""
+
+from . import guests, kernel, platform, tdx  # noqa: F401  (registration)
+from .base import PHASES, REGISTRY, STATUSES, Check, Outcome
+
+ORDER = (
+    "platform.cpu",
+    "platform.tdx",
+    "tdx.module",
+    "errata.tdx_pw_mce",
+    "kernel.kexec",
+    "kernel.cache_flush",
+    "guests.td",
+    "guests.teardown",
+    "guests.vm",
+    "kexec.image",
+    "postkexec.tdx",
+)
+CHECKS: tuple[Check, ...] = tuple(REGISTRY[i] for i in ORDER)
+
+__all__ = ["CHECKS", "PHASES", "REGISTRY", "STATUSES", "Check", "Outcome"]

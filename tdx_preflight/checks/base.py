@@ -1,0 +1,90 @@
+"""Check objects, their registry, and the result every check returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from ..facts import HostFacts
+
+PHASES = ("load", "exec", "crash")
+STATUSES = ("pass", "warn", "fail", "unknown", "skip")
+_RANK = {"skip": 0, "pass": 1, "warn": 2, "unknown": 3, "fail": 4}
+
+
+class Outcome(NamedTuple):
+    """What a check function returns."""
+
+    status: str
+    summary: str
+    evidence: dict[str, Any] | None = None
+    remedy: str | None = None
+
+    def at_worst_warn(self, why: str) -> Outcome:
+        """Cap fail/unknown at warn (an advisory phase or host); say why in the summary."""
+        if self.status in ("fail", "unknown"):
+            return Outcome("warn", f"{self.summary} ({why})", self.evidence, self.remedy)
+        return self
+
+
+CheckFn = Callable[[HostFacts, str], Outcome]
+
+
+class Check(NamedTuple):
+    id: str
+    title: str
+    blocking: frozenset[str]
+    tdx_only: bool
+    question: str
+    why: str
+    reads: tuple[str, ...]
+    remedies: dict[str, str]
+    func: CheckFn
+
+    def evaluate(self, facts: HostFacts, phase: str) -> Outcome:
+        if self.tdx_only and not facts.tdx_use.evaluated:
+            return Outcome(
+                "skip",
+                "TDX is not in use on this host",
+                {"tdx_in_use": facts.tdx_use.sources},
+            )
+        return self.func(facts, phase)
+
+
+REGISTRY: dict[str, Check] = {}
+
+
+def check(
+    id: str,
+    title: str,
+    *,
+    blocking: tuple[str, ...],
+    tdx_only: bool,
+    question: str,
+    why: str,
+    reads: tuple[str, ...],
+    remedies: dict[str, str],
+) -> Callable[[CheckFn], CheckFn]:
+    """Declare a check next to its function; registration order is report order."""
+
+    def register(func: CheckFn) -> CheckFn:
+        assert id not in REGISTRY, id
+        REGISTRY[id] = Check(
+            id, title, frozenset(blocking), tdx_only, question, why, reads, remedies, func
+        )
+        return func
+
+    return register
+
+
+def worst(statuses: list[str]) -> str:
+    return max(statuses, key=_RANK.__getitem__) if statuses else "pass"
+
+
+def problem_remedy(kind: str, what: str) -> str:
+    """A fix hint chosen from why a read failed."""
+    if kind == "permission":
+        return f"Run as root (reading {what} needs privileges)."
+    if kind == "absent":
+        return f"{what} is missing on this host."
+    return f"Check {what}: it could not be read correctly."

@@ -1,0 +1,214 @@
+"""kernel.kexec, kernel.cache_flush and kexec.image: what the running kernel can do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..facts import HostFacts
+from ..host import Problem
+from ..readers import kernel
+from .base import Outcome, check, problem_remedy
+
+FIRST_FLUSHING_RELEASE = (6, 18)
+
+
+def _kexec_evidence(facts: HostFacts) -> dict[str, Any]:
+    k = facts.kexec
+
+    def show(v: int | Problem) -> object:
+        return v.to_json() if isinstance(v, Problem) else v
+
+    out: dict[str, Any] = {
+        "kexec_loaded": show(k.loaded),
+        "kexec_crash_loaded": show(k.crash_loaded),
+        "kexec_crash_size": show(k.crash_size),
+        "kernel_release": facts.release if isinstance(facts.release, str) else None,
+    }
+    cfg = facts.config
+    if isinstance(cfg, kernel.KernelConfig):
+        out["config"] = {
+            name: cfg.values.get(name, "n")
+            for name in ("CONFIG_KEXEC_CORE", "CONFIG_CRASH_DUMP", "CONFIG_INTEL_TDX_HOST")
+        }
+    return out
+
+
+@check(
+    "kernel.kexec",
+    "Kernel kexec support",
+    blocking=("load", "exec", "crash"),
+    tdx_only=False,
+    question="Can the running kernel kexec at all (and, for kdump, does it reserve crash memory)?",
+    why="Linux 6.8 to 6.17 could not build TDX host support and kexec together: such a "
+    "kernel has no kexec syscalls and no /sys/kernel/kexec_loaded. The sysfs file is the "
+    "evidence, not the version number (distributions backport).",
+    reads=(
+        "/sys/kernel/kexec_loaded",
+        "/sys/kernel/kexec_crash_size (crash phase)",
+        "kernel config (evidence)",
+    ),
+    remedies={
+        "fail": "Boot a kernel with kexec support (Linux 6.18 or later for TDX hosts, "
+        "CONFIG_KEXEC_CORE=y); for kdump, reserve memory with crashkernel= on the command line.",
+        "unknown": "Make /sys/kernel/kexec_* readable (is sysfs mounted?) and run again.",
+    },
+)
+def kernel_kexec(facts: HostFacts, phase: str) -> Outcome:
+    k = facts.kexec
+    evidence = _kexec_evidence(facts)
+    tdx = facts.tdx_use.state == "yes"
+    outcome = _kexec_rules(k, phase, evidence, tdx)
+    if not tdx:
+        return outcome.at_worst_warn("TDX not in use: kexec-tools reports its own errors")
+    return outcome
+
+
+def _kexec_rules(k: kernel.KexecSysfs, phase: str, evidence: dict[str, Any], tdx: bool) -> Outcome:
+    loaded = k.loaded
+    if isinstance(loaded, Problem):
+        if loaded.kind == "absent":
+            why = " (a 6.8 to 6.17 kernel with TDX host support has none)" if tdx else ""
+            return Outcome(
+                "fail",
+                f"the running kernel has no kexec support: {loaded.path} is absent{why}",
+                evidence,
+                "Boot a kernel built with kexec (CONFIG_KEXEC_CORE); on a TDX host that "
+                "means Linux 6.18 or later, or a vendor kernel with the TDX kexec series.",
+            )
+        return Outcome(
+            "unknown",
+            f"cannot read kexec state: {loaded}",
+            evidence,
+            problem_remedy(loaded.kind, loaded.path),
+        )
+    if phase != "crash":
+        return Outcome("pass", "the running kernel supports kexec", evidence)
+    size = k.crash_size
+    if isinstance(size, Problem):
+        if size.kind == "absent":
+            return Outcome(
+                "fail",
+                f"no crash kernel support: {size.path} is absent",
+                evidence,
+                "Boot a kernel built with CONFIG_CRASH_DUMP and a crashkernel= reservation.",
+            )
+        return Outcome(
+            "unknown",
+            f"cannot read the crash reservation: {size}",
+            evidence,
+            problem_remedy(size.kind, size.path),
+        )
+    if size == 0:
+        return Outcome(
+            "fail",
+            "no memory reserved for a crash kernel (kexec_crash_size is 0)",
+            evidence,
+            "Add crashkernel=... to the kernel command line (e.g. crashkernel=512M) and reboot.",
+        )
+    return Outcome(
+        "pass", f"the running kernel supports kdump ({size // (1 << 20)} MiB reserved)", evidence
+    )
+
+
+@check(
+    "kernel.cache_flush",
+    "TDX cache flush on kexec",
+    blocking=("load", "exec", "crash"),
+    tdx_only=True,
+    question="Does the running kernel flush TDX cache state (WBINVD) before jumping to the "
+    "new kernel?",
+    why="Cache lines written through private KeyIDs must be written back and invalidated "
+    "before the new kernel runs, or a later eviction can corrupt memory it uses with "
+    "KeyID 0. Linux 6.18 added the flush (tdx_cpu_flush_cache_for_kexec, later "
+    "tdx_cpu_flush_cache); kallsyms names it on kernels that have it, backports included.",
+    reads=("/proc/kallsyms (read to its end)", "/proc/sys/kernel/osrelease"),
+    remedies={
+        "fail": "Boot a kernel that flushes TDX caches on kexec (Linux 6.18 or later, or a "
+        "vendor kernel with the TDX kexec series) before using kexec here; cold reboot now.",
+        "unknown": "Make /proc/kallsyms readable (run as root; CONFIG_KALLSYMS) so the "
+        "flush can be confirmed.",
+    },
+)
+def kernel_cache_flush(facts: HostFacts, phase: str) -> Outcome:
+    ks = facts.kallsyms
+    release = facts.release
+    evidence: dict[str, Any] = {"kernel_release": release if isinstance(release, str) else None}
+    if isinstance(ks, kernel.Kallsyms):
+        names = sorted(ks.found & set(kernel.FLUSH_SYMBOLS))
+        evidence["kallsyms"] = {"path": ks.path, "found": sorted(ks.found)}
+        if names:
+            return Outcome("pass", f"kallsyms names {', '.join(names)}", evidence)
+        return Outcome(
+            "fail",
+            "kallsyms (read to its end) names neither tdx_cpu_flush_cache_for_kexec nor "
+            "tdx_cpu_flush_cache: this kernel does not flush TDX caches on kexec",
+            evidence,
+            "Boot a kernel that flushes TDX caches on kexec (Linux 6.18 or later, or a vendor "
+            "kernel with the TDX kexec series); use a cold reboot now.",
+        )
+    problem = ks if isinstance(ks, Problem) else Problem("absent", "/proc/kallsyms", "not read")
+    evidence["kallsyms"] = problem.to_json()
+    version = kernel.parse_release(release) if isinstance(release, str) else None
+    if version is not None and version >= FIRST_FLUSHING_RELEASE:
+        return Outcome(
+            "pass",
+            f"inferred from release {release} (6.18 or later flushes); kallsyms: {problem.detail}",
+            evidence,
+        )
+    shown = release if isinstance(release, str) else f"unreadable ({release.detail})"
+    return Outcome(
+        "unknown",
+        f"cannot confirm the flush: kallsyms {problem.detail} and release {shown} is not "
+        "6.18 or later",
+        evidence,
+        problem_remedy(problem.kind, "/proc/kallsyms")
+        if problem.kind == "permission"
+        else "Make /proc/kallsyms readable so the flush can be confirmed.",
+    )
+
+
+@check(
+    "kexec.image",
+    "Kernel image loaded",
+    blocking=(),
+    tdx_only=False,
+    question="Is a kernel loaded for this phase?",
+    why="`kexec -e` fails without a loaded image (systemctl kexec loads one itself); "
+    "loading a crash kernel replaces the one loaded now.",
+    reads=("/sys/kernel/kexec_loaded", "/sys/kernel/kexec_crash_loaded"),
+    remedies={
+        "warn": "exec: load a kernel first (kexec -l IMAGE --initrd=... --reuse-cmdline) or use "
+        "systemctl kexec. crash: the new load replaces the loaded crash kernel.",
+        "unknown": "Check that sysfs is mounted and the kernel has kexec support.",
+    },
+)
+def kexec_image(facts: HostFacts, phase: str) -> Outcome:
+    k = facts.kexec
+    evidence = _kexec_evidence(facts)
+    if phase == "load":
+        return Outcome("skip", "not applicable before loading a kernel")
+    value = k.loaded if phase == "exec" else k.crash_loaded
+    if isinstance(value, Problem):
+        return Outcome(
+            "unknown",
+            f"cannot tell whether a kernel is loaded: {value}",
+            evidence,
+            problem_remedy(value.kind, value.path),
+        )
+    if phase == "exec":
+        if value == 1:
+            return Outcome("pass", "a kexec kernel is loaded", evidence)
+        return Outcome(
+            "warn",
+            "no kexec kernel is loaded: `kexec -e` would fail (`systemctl kexec` loads one)",
+            evidence,
+            "Load one: kexec -l /boot/vmlinuz-... --initrd=/boot/initrd.img-... --reuse-cmdline",
+        )
+    if value == 0:
+        return Outcome("pass", "no crash kernel is loaded yet", evidence)
+    return Outcome(
+        "warn",
+        "a crash kernel is already loaded: the new load replaces it",
+        evidence,
+        "Nothing to do if replacing it is intended.",
+    )

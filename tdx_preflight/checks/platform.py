@@ -1,0 +1,160 @@
+"""platform.cpu and platform.tdx: which CPU, and what the BIOS and kernel made of TDX."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..facts import HostFacts
+from ..host import Problem
+from ..readers import msr
+from .base import Outcome, check, problem_remedy
+
+CODENAMES = {
+    (6, 143): "Sapphire Rapids",
+    (6, 207): "Emerald Rapids",
+    (6, 173): "Granite Rapids",
+    (6, 174): "Granite Rapids D",
+    (6, 175): "Sierra Forest",
+    (6, 221): "Clearwater Forest",
+}
+
+
+def codename(family: int | None, model: int | None) -> str | None:
+    return CODENAMES.get((family or 0, model or 0))
+
+
+@check(
+    "platform.cpu",
+    "CPU identified",
+    blocking=("load", "exec", "crash"),
+    tdx_only=False,
+    question="Which CPU is this, and is it an Intel CPU (where TDX exists)?",
+    why="Every TDX rule depends on the CPU: the partial-write erratum is decided by "
+    "family and model, and TDX exists only on Intel CPUs. A host whose CPU cannot be "
+    "identified cannot be judged.",
+    reads=("/proc/cpuinfo",),
+    remedies={
+        "unknown": "Make /proc/cpuinfo readable (is /proc mounted?), then run again.",
+    },
+)
+def platform_cpu(facts: HostFacts, phase: str) -> Outcome:
+    info = facts.cpuinfo
+    if isinstance(info, Problem):
+        return Outcome(
+            "unknown",
+            f"cannot identify the CPU: {info}",
+            {"cpuinfo": info.to_json()},
+            problem_remedy(info.kind, "/proc/cpuinfo"),
+        )
+    first = info.first
+    name = codename(first.family, first.model)
+    evidence: dict[str, Any] = {
+        "vendor": first.vendor,
+        "family": first.family,
+        "model": first.model,
+        "stepping": first.stepping,
+        "model_name": first.model_name,
+        "codename": name,
+        "cpus": len(info.cpus),
+    }
+    if len(info.models) > 1 or len(info.vendors) > 1:
+        evidence["mixed"] = sorted(f"{c.vendor} {c.family}/{c.model}" for c in info.cpus)
+    what = f"{first.model_name or first.vendor} (family {first.family} model {first.model}"
+    what += f", {name})" if name else ")"
+    suffix = "" if info.is_intel else ": not Intel, TDX does not apply"
+    return Outcome("pass", f"{what}, {len(info.cpus)} CPUs{suffix}", evidence)
+
+
+def _msr_evidence(m: msr.MsrFacts) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for index, reading in m.readings.items():
+        key = f"0x{index:x} {msr.NAMES[index]}"
+        entry: dict[str, Any] = {}
+        if reading.value is not None:
+            entry["value"] = f"0x{reading.value:x}"
+            entry["decoded"] = msr.decode(index, reading.value)
+        elif reading.values:
+            entry["values_by_cpu"] = {str(c): f"0x{v:x}" for c, v in sorted(reading.values.items())}
+        if reading.problems:
+            first = next(iter(reading.problems.values()))
+            entry["unreadable_cpus"] = len(reading.problems)
+            entry["error"] = str(first)
+        out[key] = entry
+    if m.unavailable:
+        out["unavailable"] = str(m.unavailable)
+    if m.notes:
+        out["notes"] = list(m.notes)
+    return out
+
+
+def _msr_remedy(problem: Problem) -> str:
+    if problem.kind == "absent":
+        return "Load the msr module (modprobe msr) so the TDX MSRs can be read."
+    if problem.kind == "permission":
+        return "Run as root: reading MSRs needs CAP_SYS_RAWIO."
+    return "Check the msr device; the MSR could not be read."
+
+
+@check(
+    "platform.tdx",
+    "TDX platform state",
+    blocking=(),
+    tdx_only=False,
+    question="Is TDX in use on this host; how many TDX KeyIDs did the BIOS give; "
+    "do all CPUs agree on the TDX MSRs?",
+    why="The BIOS partitions KeyIDs between MKTME and TDX (MSR 0x87) per package. A "
+    "BIOS that enabled TDX while the kernel does not use it, or packages that disagree, "
+    "point at a configuration the operator should know about before relying on a kexec.",
+    reads=(
+        "/proc/cpuinfo (tdx_host_platform)",
+        "/sys/fs/cgroup/misc.capacity",
+        "/sys/module/kvm_intel/parameters/tdx",
+        "/dev/cpu/*/msr (0x87, 0x981, 0x982, 0x1401)",
+        "TDX module state (sysfs, kernel log)",
+    ),
+    remedies={
+        "warn": "Read the summary: load the msr module or run as root to read the MSRs; "
+        "fix the BIOS so every package has the same TDX setting; or enable TDX in the "
+        "kernel (kvm_intel.tdx=1) if the BIOS reservation is intended.",
+    },
+)
+def platform_tdx(facts: HostFacts, phase: str) -> Outcome:
+    if facts.is_intel is False:
+        return Outcome("skip", "not an Intel CPU: TDX does not apply")
+    use = facts.tdx_use
+    evidence: dict[str, Any] = {"tdx_in_use": use.state == "yes", "sources": use.sources}
+    warnings: list[str] = []
+    remedies: list[str] = []
+    m = facts.msrs
+    tdx_keyids: int | None = None
+    if m is not None:
+        evidence["msrs"] = _msr_evidence(m)
+        keyid = m.readings[msr.KEYID_PARTITIONING]
+        if keyid.values:
+            tdx_keyids = max(v >> 32 for v in keyid.values.values())
+            evidence["tdx_keyids"] = tdx_keyids
+        disagree = [f"0x{i:x}" for i, r in m.readings.items() if not r.consistent]
+        if disagree:
+            warnings.append(f"CPUs disagree on MSR {', '.join(disagree)} (BIOS configuration)")
+            remedies.append("Check the BIOS TDX/TME settings of every package.")
+        unread = m.unavailable or next(iter(keyid.problems.values()), None)
+        if use.state == "yes" and unread is not None:
+            warnings.append(f"TDX in use but MSR 0x87 cannot be read: {unread.detail}")
+            remedies.append(_msr_remedy(unread))
+        if use.state == "no" and tdx_keyids:
+            warnings.append(
+                f"the BIOS reserved {tdx_keyids} TDX KeyIDs (MSR 0x87) but the kernel does not "
+                "use TDX"
+            )
+            remedies.append("Enable TDX in the kernel (kvm_intel.tdx=1) or disable it in the BIOS.")
+    if use.state == "no" and use.unreadable:
+        warnings.append(f"could not read {', '.join(use.unreadable)}: TDX use may be missed")
+        remedies.append("Run as root so every TDX source can be read.")
+    if warnings:
+        return Outcome("warn", "; ".join(warnings), evidence, " ".join(dict.fromkeys(remedies)))
+    if use.state == "yes":
+        said = [k for k, v in use.sources.items() if v != "no" and not v.startswith("unread")]
+        keys = f", {tdx_keyids} TDX KeyIDs" if tdx_keyids else ""
+        return Outcome("pass", f"TDX in use ({', '.join(said)}){keys}", evidence)
+    bios = "no TDX KeyIDs in MSR 0x87" if tdx_keyids == 0 else "no source reports TDX"
+    return Outcome("pass", f"TDX not in use ({bios})", evidence)

@@ -1,0 +1,434 @@
+"""Host: every read of the host, relative to one root directory, bounded and typed.
+
+Nothing else in the package opens a path. A read returns its value or a
+`Problem` that says why it could not: the file is absent, permission was
+denied, an I/O error occurred, or the content is malformed. Callers tell
+"not there" from "could not read" by `Problem.kind`.
+
+Reads never block (files are opened O_NONBLOCK and must be regular files or,
+for the few device readers, character devices), never write, and never leave
+the root: for a root other than `/` every open goes through openat2 with
+RESOLVE_IN_ROOT, so an absolute or `..` symlink in a snapshot resolves inside
+the snapshot, and magic links (`/proc/PID/root`) are refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable
+from typing import Literal, NamedTuple
+
+ProblemKind = Literal["absent", "permission", "io", "malformed"]
+
+#: Default cap for a file that should be small (sysfs values, proc files).
+SMALL = 64 * 1024
+#: Cap for files that grow with the machine (cpuinfo, cmdline of a process).
+LARGE = 16 * 1024 * 1024
+#: Read size for streamed files.
+CHUNK = 1 << 20
+
+
+class Problem(NamedTuple):
+    """Why a read gave no value."""
+
+    kind: ProblemKind
+    path: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.detail}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"error": self.kind, "path": self.path, "detail": self.detail}
+
+
+def problem_from_oserror(path: str, exc: OSError) -> Problem:
+    """Map an OSError to a typed Problem."""
+    code = exc.errno
+    if code in (errno.ENOENT, errno.ENOTDIR, errno.ENODEV, errno.ENXIO):
+        return Problem("absent", path, "does not exist")
+    if code in (errno.EACCES, errno.EPERM):
+        return Problem("permission", path, "permission denied")
+    if code == errno.ELOOP:
+        return Problem("io", path, "symlink loop or link out of the host root")
+    if code == errno.EXDEV:
+        return Problem("io", path, "path leaves the host root")
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return Problem("io", path, "would block (device or pipe did not answer)")
+    if code == errno.EISDIR:
+        return Problem("io", path, "is a directory")
+    return Problem("io", path, os.strerror(code) if code else str(exc))
+
+
+_KIND_NAMES = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _kind_name(mode: int) -> str:
+    return _KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
+
+
+class _Openat2:
+    """openat2(2) with RESOLVE_IN_ROOT, loaded only for roots other than `/`."""
+
+    RESOLVE_NO_MAGICLINKS = 0x02
+    RESOLVE_IN_ROOT = 0x10
+    SYS_openat2 = 437  # x86_64 and aarch64 share the number
+
+    def __init__(self) -> None:
+        import ctypes
+
+        class OpenHow(ctypes.Structure):
+            _fields_ = [
+                ("flags", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64),
+            ]
+
+        self._ctypes = ctypes
+        self._how_type = OpenHow
+        self._size = ctypes.sizeof(OpenHow)
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._syscall = libc.syscall
+        self._syscall.restype = ctypes.c_long
+        self._hows: dict[int, object] = {}
+
+    def open(self, dirfd: int, rel: bytes, flags: int) -> int:
+        how = self._hows.get(flags)
+        if how is None:
+            how = self._how_type(flags, 0, self.RESOLVE_IN_ROOT | self.RESOLVE_NO_MAGICLINKS)
+            self._hows[flags] = how
+        fd = self._syscall(self.SYS_openat2, dirfd, rel, self._ctypes.byref(how), self._size)
+        if fd < 0:
+            err = self._ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return fd
+
+
+class Host:
+    """Reads under one root directory; the live host when root is `/`."""
+
+    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.live = self.root == "/"
+        self._prefix = "/" if self.live else self.root.rstrip("/") + "/"
+        self._rootfd: int | None = None
+        self._openat2: _Openat2 | None = None
+        self._safe_fallback = False
+        self._msr_fds: dict[int, int | Problem] = {}
+        self._msr_files: set[int] = set()
+        #: Notes the readers leave for the evidence (e.g. "loaded the msr module").
+        self.notes: list[str] = []
+
+    # -- paths -----------------------------------------------------------------
+
+    def display(self, rel: str) -> str:
+        """The path as a person reads it: absolute on the live host, root-joined otherwise."""
+        return self._prefix + rel
+
+    def _open(self, rel: str, flags: int) -> int:
+        # openat2 rejects flags that O_PATH does not take, O_NOCTTY among them.
+        flags |= os.O_CLOEXEC if flags & os.O_PATH else os.O_CLOEXEC | os.O_NOCTTY
+        if self.live:
+            return os.open("/" + rel, flags)
+        if self._rootfd is None:
+            self._rootfd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._openat2 = _Openat2()
+            except (OSError, AttributeError):
+                self._safe_fallback = True
+        if self._openat2 is not None and not self._safe_fallback:
+            try:
+                return self._openat2.open(self._rootfd, rel.encode(), flags)
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:
+                    raise
+                self._safe_fallback = True
+        # Kernels before 5.6: resolve in Python and refuse anything that leaves the root.
+        full = os.path.join(self.root, rel)
+        real = os.path.realpath(full)
+        if real != self.root and not real.startswith(self.root.rstrip("/") + "/"):
+            raise OSError(errno.EXDEV, "path leaves the host root")
+        return os.open(real, flags | os.O_NOFOLLOW)
+
+    def _open_read(
+        self, rel: str, expected: str, chr_ok: bool = False
+    ) -> tuple[int, int] | Problem:
+        """(fd, st_mode) of a regular file (or a character device when `chr_ok`)."""
+        try:
+            fd = self._open(rel, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            return problem_from_oserror(self.display(rel), exc)
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode) or (chr_ok and stat.S_ISCHR(mode)):
+            return fd, mode
+        os.close(fd)
+        return Problem("io", self.display(rel), f"is {_kind_name(mode)}, expected {expected}")
+
+    # -- plain reads -------------------------------------------------------------
+
+    def read_bytes(self, rel: str, limit: int = SMALL) -> bytes | Problem:
+        """The whole file, or a Problem. A file larger than `limit` is malformed."""
+        path = self.display(rel)
+        opened = self._open_read(rel, "a file")
+        if isinstance(opened, Problem):
+            return opened
+        fd = opened[0]
+        try:
+            chunks: list[bytes] = []
+            total = 0
+            while total <= limit:
+                data = os.read(fd, min(CHUNK, limit + 1 - total))
+                if not data:
+                    break
+                chunks.append(data)
+                total += len(data)
+            if total > limit:
+                return Problem("malformed", path, f"larger than {limit} bytes")
+            return b"".join(chunks)
+        except OSError as exc:
+            return problem_from_oserror(path, exc)
+        finally:
+            os.close(fd)
+
+    def read_text(self, rel: str, limit: int = SMALL) -> str | Problem:
+        """The file decoded as UTF-8; bytes that do not decode make it malformed."""
+        data = self.read_bytes(rel, limit)
+        if isinstance(data, Problem):
+            return data
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Problem("malformed", self.display(rel), f"not UTF-8 at byte {exc.start}")
+
+    def read_value(self, rel: str) -> str | Problem:
+        """A one-value sysfs/procfs file, stripped; an empty file is malformed."""
+        text = self.read_text(rel, 4096)
+        if isinstance(text, Problem):
+            return text
+        value = text.strip()
+        if not value:
+            return Problem("malformed", self.display(rel), "empty")
+        return value
+
+    def read_int(self, rel: str) -> int | Problem:
+        """A sysfs file holding one decimal integer."""
+        value = self.read_value(rel)
+        if isinstance(value, Problem):
+            return value
+        number = parse_uint(value)
+        if number is None:
+            return Problem("malformed", self.display(rel), f"not a number: {value[:40]!r}")
+        return number
+
+    def exists(self, rel: str) -> bool:
+        """True when the path exists under the root (a dangling symlink counts)."""
+        try:
+            fd = self._open(rel, os.O_PATH | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        os.close(fd)
+        return True
+
+    def listdir(self, rel: str) -> list[str] | Problem:
+        """Names in a directory."""
+        path = self.display(rel)
+        try:
+            if self.live:
+                return os.listdir("/" + rel)
+            fd = self._open(rel, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                return os.listdir(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return problem_from_oserror(path, exc)
+
+    def readlink(self, rel: str) -> str | Problem:
+        """The target of a symlink, never followed."""
+        path = self.display(rel)
+        try:
+            if self.live:
+                return os.readlink("/" + rel)
+            parent, _, name = rel.rpartition("/")
+            fd = self._open(parent or ".", os.O_PATH | os.O_DIRECTORY)
+            try:
+                return os.readlink(name, dir_fd=fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return Problem("malformed", path, "not a symlink")
+            return problem_from_oserror(path, exc)
+
+    # -- streamed and device reads ----------------------------------------------
+
+    def find_symbols(self, rel: str, names: Iterable[str]) -> set[str] | Problem:
+        """Which of `names` appear as whole symbols in a kallsyms-format file.
+
+        The file is read to its end in constant memory: a cut read could miss a
+        symbol and turn into a false "absent". A name matches only between the
+        type letter and the end of the line or the tab before `[module]`.
+        """
+        path = self.display(rel)
+        wanted = {n.encode() for n in names}
+        # Search each name that no other wanted name starts: one scan finds both.
+        needles = [n for n in wanted if not any(o != n and n.startswith(o) for o in wanted)]
+        overlap = max((len(n) for n in wanted), default=0) + 4
+        found: set[str] = set()
+        opened = self._open_read(rel, "a file")
+        if isinstance(opened, Problem):
+            return opened
+        fd = opened[0]
+        try:
+            # One reused buffer: the last `overlap` bytes of a chunk are carried to the
+            # front of the next, so a name across a chunk boundary is still whole.
+            buf = bytearray(overlap + CHUNK)
+            view = memoryview(buf)
+            buf[0] = 0x0A
+            keep = 1
+            total = 0
+            while True:
+                n = os.readv(fd, [view[keep : keep + CHUNK]])
+                if not n:
+                    break
+                total += n
+                end = keep + n
+                found.update(_symbols_in(buf, end, wanted, needles))
+                keep = min(overlap, end)
+                buf[:keep] = buf[end - keep : end]
+            # The last line may lack its newline.
+            found.update(_symbols_in(bytes(buf[:keep]) + b"\n", keep + 1, wanted, needles))
+            view.release()
+            if not total:
+                return Problem("malformed", path, "empty")
+            return found
+        except OSError as exc:
+            return problem_from_oserror(path, exc)
+        finally:
+            os.close(fd)
+
+    def read_kmsg(self, rel: str = "dev/kmsg", limit: int = LARGE) -> list[bytes] | Problem:
+        """Kernel log records, one `prio,seq,usec,flags;text` line each.
+
+        Live (/dev/kmsg, a character device): one record per read, non-blocking
+        until EAGAIN; EPIPE (a record overwritten while reading) is skipped. A
+        fixture's regular file is read whole and split into lines.
+        """
+        path = self.display(rel)
+        opened = self._open_read(rel, "the kmsg device or a file", chr_ok=True)
+        if isinstance(opened, Problem):
+            return opened
+        fd, mode = opened
+        try:
+            if stat.S_ISREG(mode):
+                os.close(fd)
+                fd = -1
+                data = self.read_bytes(rel, limit)
+                if isinstance(data, Problem):
+                    return data
+                return data.splitlines()
+            records: list[bytes] = []
+            total = 0
+            while total <= limit:
+                try:
+                    rec = os.read(fd, 8192)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EPIPE:
+                        continue
+                    raise
+                if not rec:
+                    break
+                records.append(rec.rstrip(b"\n"))
+                total += len(rec)
+            if total > limit:
+                return Problem("malformed", path, f"larger than {limit} bytes")
+            return records
+        except OSError as exc:
+            return problem_from_oserror(path, exc)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def read_msr(self, cpu: int, index: int) -> int | Problem:
+        """One MSR of one CPU: 8 bytes little-endian at offset `index`. Read-only."""
+        rel = f"dev/cpu/{cpu}/msr"
+        fd = self._msr_fds.get(cpu)
+        if fd is None:
+            fd = self._open_msr(rel)
+            self._msr_fds[cpu] = fd
+            if isinstance(fd, int) and stat.S_ISREG(os.fstat(fd).st_mode):
+                self._msr_files.add(cpu)
+        if isinstance(fd, Problem):
+            return fd
+        path = f"{self.display(rel)} @0x{index:x}"
+        try:
+            data = os.pread(fd, 8, index)
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                return Problem("io", path, "the CPU does not implement this MSR (EIO)")
+            return problem_from_oserror(path, exc)
+        if len(data) != 8:
+            return Problem("io", path, f"short read ({len(data)} of 8 bytes)")
+        return int.from_bytes(data, "little")
+
+    def msr_is_file(self, cpu: int) -> bool:
+        """True when CPU's MSR source is a regular file (a fixture), not the device."""
+        return cpu in self._msr_files
+
+    def _open_msr(self, rel: str) -> int | Problem:
+        opened = self._open_read(rel, "the msr device or a file", chr_ok=True)
+        return opened if isinstance(opened, Problem) else opened[0]
+
+    def close(self) -> None:
+        """Release the descriptors a Host keeps (MSR devices, the root)."""
+        for fd in self._msr_fds.values():
+            if isinstance(fd, int):
+                os.close(fd)
+        self._msr_fds.clear()
+        if self._rootfd is not None:
+            os.close(self._rootfd)
+            self._rootfd = None
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def parse_uint(text: str, max_digits: int = 20) -> int | None:
+    """A non-negative decimal integer, or None (no sign, no spaces, bounded length)."""
+    if text.isascii() and text.isdigit() and len(text) <= max_digits:
+        return int(text)
+    return None
+
+
+def _symbols_in(
+    buf: bytes | bytearray, end: int, wanted: set[bytes], needles: list[bytes]
+) -> set[str]:
+    """The names of `wanted` that stand in `buf[:end]` as whole kallsyms symbol names.
+
+    Lines are `ADDR T name\n` or `ADDR t name\t[module]`: a name starts after
+    the type letter and its two spaces, and ends at a tab or a newline.
+    """
+    found: set[str] = set()
+    for needle in needles:
+        i = buf.find(needle, 0, end)
+        while i >= 0:
+            if i >= 3 and buf[i - 1] == 0x20 and buf[i - 3] == 0x20:
+                for name in wanted:
+                    stop = i + len(name)
+                    if stop < end and buf[stop] in (0x0A, 0x09) and buf.startswith(name, i):
+                        found.add(name.decode())
+            i = buf.find(needle, i + 1, end)
+    return found

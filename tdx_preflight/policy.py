@@ -1,0 +1,166 @@
+"""The YAML configuration: load, validate, defaults.
+
+A missing default file means defaults, and PyYAML is then never imported. An
+invalid file (bad YAML, an unknown key, a wrong type) raises ConfigError with
+the file, the line and what is wrong; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+from .checks import PHASES, REGISTRY
+
+DEFAULT_PATH = "/etc/tdx-preflight/config.yaml"
+MSR_POLICIES = ("auto", "never")
+
+
+class ConfigError(Exception):
+    """An invalid configuration file; str() is `FILE:LINE: what is wrong`."""
+
+    def __init__(self, path: str, line: int | None, message: str) -> None:
+        self.path, self.line, self.message = path, line, message
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {message}")
+
+
+class Policy(NamedTuple):
+    root: str | None = None
+    load_msr_module: str = "auto"
+    #: Checks whose warn counts as a fail in the verdict, in every phase.
+    block_on_warn: frozenset[str] = frozenset()
+    #: Extra phases in which a check blocks (its warn then blocks too). Never fewer.
+    blocking: dict[str, frozenset[str]] | None = None
+    source: str | None = None
+
+    def is_blocking(self, check_id: str, default: frozenset[str], phase: str) -> bool:
+        return (
+            phase in default
+            or check_id in self.block_on_warn
+            or phase in (self.blocking or {}).get(check_id, ())
+        )
+
+    def warn_blocks(self, check_id: str, phase: str) -> bool:
+        return check_id in self.block_on_warn or phase in (self.blocking or {}).get(check_id, ())
+
+
+def load(path: str | None) -> Policy:
+    """Load `path`, or the default file when it exists, or the defaults."""
+    if path is None:
+        if not os.path.exists(DEFAULT_PATH):
+            return Policy()
+        path = DEFAULT_PATH
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, None, f"not UTF-8 at byte {exc.start}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: str = "<config>") -> Policy:
+    import yaml
+
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            path, mark.line + 1 if mark else None, f"invalid YAML: {problem}"
+        ) from None
+    if node is None:
+        return Policy(source=path)
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(path, node.start_mark.line + 1, "expected a mapping of settings")
+    values: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        line = key_node.start_mark.line + 1
+        key = key_node.value
+        if key not in _SETTINGS:
+            known = ", ".join(sorted(_SETTINGS))
+            raise ConfigError(path, line, f"unknown setting {key!r} (known: {known})")
+        values[key] = _SETTINGS[key](path, value_node, _construct(value_node))
+    return Policy(source=path, **values)
+
+
+def _construct(node: Any) -> Any:
+    import yaml
+
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        raise ConfigError("<config>", node.start_mark.line + 1, str(exc)) from None
+    finally:
+        loader.dispose()
+
+
+def _line(node: Any) -> int:
+    return node.start_mark.line + 1
+
+
+def _root(path: str, node: Any, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(path, _line(node), "root: expected a directory path")
+    return value
+
+
+def _msr(path: str, node: Any, value: Any) -> str:
+    if value not in MSR_POLICIES:
+        raise ConfigError(
+            path, _line(node), f"load_msr_module: expected auto or never, got {value!r}"
+        )
+    return value
+
+
+def _check_ids(path: str, node: Any, value: Any, what: str) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(path, _line(node), f"{what}: expected a list of check ids")
+    for i, v in enumerate(value):
+        if v not in REGISTRY:
+            line = _line(node.value[i]) if hasattr(node, "value") else _line(node)
+            raise ConfigError(path, line, f"{what}: unknown check id {v!r}")
+    return frozenset(value)
+
+
+def _block_on_warn(path: str, node: Any, value: Any) -> frozenset[str]:
+    return _check_ids(path, node, value, "block_on_warn")
+
+
+def _blocking(path: str, node: Any, value: Any) -> dict[str, frozenset[str]]:
+    if not isinstance(value, dict):
+        raise ConfigError(path, _line(node), "blocking: expected a mapping of check id to phases")
+    out: dict[str, frozenset[str]] = {}
+    for key_node, value_node in node.value:
+        check_id = key_node.value
+        if check_id not in REGISTRY:
+            raise ConfigError(path, _line(key_node), f"blocking: unknown check id {check_id!r}")
+        phases = value[check_id]
+        if isinstance(phases, str):
+            phases = [phases]
+        if not isinstance(phases, list) or not all(p in PHASES for p in phases):
+            raise ConfigError(
+                path,
+                _line(value_node),
+                f"blocking.{check_id}: expected a list of phases from {', '.join(PHASES)}",
+            )
+        out[check_id] = frozenset(phases)
+    return out
+
+
+_SETTINGS = {
+    "root": _root,
+    "load_msr_module": _msr,
+    "block_on_warn": _block_on_warn,
+    "blocking": _blocking,
+}

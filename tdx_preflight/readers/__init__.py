@@ -1,0 +1,1 @@
+"""Readers: file formats to typed facts. No policy here; every read goes through Host."""

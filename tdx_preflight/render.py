@@ -1,0 +1,90 @@
+"""Text and JSON renderings of a report and of the guest list."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from .readers.kvm import Guest
+from .report import Report
+
+_COLOURS = {
+    "pass": "green",
+    "warn": "yellow",
+    "fail": "red",
+    "unknown": "magenta",
+    "skip": "bright_black",
+    "allow": "green",
+    "block": "red",
+}
+
+
+def use_colour() -> bool:
+    """Colour only on a terminal, and never with NO_COLOR set."""
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def _style(text: str, status: str, colour: bool, bold: bool = False) -> str:
+    if not colour:
+        return text
+    return click.style(text, fg=_COLOURS.get(status), bold=bold)
+
+
+def report_text(report: Report, *, verbose: bool = False, colour: bool = False) -> str:
+    f = report.facts
+    host = report.host_json()
+    where = "live host" if f.live else f"root {f.root}"
+    cpu = host["cpu_model_name"] or "CPU unknown"
+    kernel = host["kernel_release"] or "kernel unknown"
+    lines = [f"tdx-preflight: {report.phase} phase, {where}: {cpu}, kernel {kernel}"]
+    width = max(len(r.id) for r in report.results)
+    for r in report.results:
+        tag = f"{r.status.upper():<7}"
+        mark = "*" if r.blocks else " "
+        lines.append(
+            f"{_style(tag, r.status, colour, bold=True)}{mark}{r.id:<{width}}  {r.summary}"
+        )
+        if r.remedy:
+            lines.append(f"{'':8} {'':{width}}  fix: {r.remedy}")
+        if verbose and r.evidence:
+            ev = json.dumps(r.evidence, sort_keys=True, default=str)
+            lines.append(f"{'':8} {'':{width}}  evidence: {ev}")
+    if verbose:
+        lines.extend(_guest_lines(f.guests, verbose=True))
+    verdict = f"verdict: {report.verdict.upper()} (exit {report.exit_code}): {report.summary}"
+    lines.append(_style(verdict, report.verdict, colour, bold=True))
+    if any(r.blocks for r in report.results):
+        lines.append("(* blocks the verdict)")
+    return "\n".join(lines)
+
+
+def report_json(report: Report) -> str:
+    """Indented for a person at a terminal, compact for a program."""
+    return json.dumps(report.to_json(), indent=2 if sys.stdout.isatty() else None, default=str)
+
+
+def _guest_lines(guests: list[Guest], verbose: bool) -> list[str]:
+    if not guests:
+        return ["no KVM VM found"]
+    out = [f"{'KIND':<8}{'PID':>8} {'TID':>8} {'FD':>4}  NAME"]
+    for g in guests:
+        pid = "-" if g.pid is None else str(g.pid)
+        tid = "-" if g.tid is None else str(g.tid)
+        out.append(f"{g.kind:<8}{pid:>8} {tid:>8} {g.vm_fd:>4}  {g.name or '?'}")
+        evidence = g.evidence if verbose else g.evidence[1:2] or g.evidence[:1]
+        out.extend(f"{'':30}{e}" for e in evidence)
+    return out
+
+
+def guests_text(guests: list[Guest], header: str, verbose: bool = False) -> str:
+    tds = sum(1 for g in guests if g.kind == "td")
+    summary = f"{header}: {len(guests)} VMs, {tds} TD guests"
+    return "\n".join([summary, *_guest_lines(guests, verbose)])
+
+
+def dump_json(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, default=str)

@@ -1,0 +1,153 @@
+"""Report: check results, the verdict, exit codes and the schema-1 JSON."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from . import __version__
+from .checks import CHECKS, Outcome
+from .facts import HostFacts
+from .host import Problem
+from .policy import Policy
+
+SCHEMA = 1
+EXIT_ALLOW, EXIT_FAIL, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
+
+
+class CheckResult(NamedTuple):
+    id: str
+    title: str
+    status: str
+    blocking: bool
+    summary: str
+    evidence: dict[str, Any]
+    remedy: str | None
+    #: "fail" or "unknown" when this result blocks the verdict, else None.
+    blocks: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "title": self.title,
+            "status": self.status,
+            "blocking": self.blocking,
+            "summary": self.summary,
+            "evidence": self.evidence,
+            "remedy": self.remedy,
+        }
+
+
+class Report:
+    """The checklist's results for one phase, and the verdict."""
+
+    def __init__(
+        self,
+        phase: str,
+        facts: HostFacts,
+        results: list[CheckResult],
+        verdict: str,
+        exit_code: int,
+        summary: str,
+        generated_at: str,
+        duration_ms: float,
+    ) -> None:
+        self.phase = phase
+        self.facts = facts
+        self.results = results
+        self.verdict = verdict
+        self.exit_code = exit_code
+        self.summary = summary
+        self.generated_at = generated_at
+        self.duration_ms = duration_ms
+        #: Fields later layers add to the JSON (e.g. where the ledger came from).
+        self.extra: dict[str, Any] = {}
+
+    def result(self, check_id: str) -> CheckResult:
+        return next(r for r in self.results if r.id == check_id)
+
+    def host_json(self) -> dict[str, Any]:
+        f = self.facts
+        cpu = None if isinstance(f.cpuinfo, Problem) else f.cpuinfo.first
+        return {
+            "root": f.root,
+            "kernel_release": f.release if isinstance(f.release, str) else None,
+            "cpu_model_name": cpu.model_name if cpu else None,
+            "family": cpu.family if cpu else None,
+            "model": cpu.model if cpu else None,
+            "tdx_in_use": f.tdx_use.state == "yes",
+            "tdx_module": f.module.to_json(),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "schema": SCHEMA,
+            "tool": {"name": "tdx-preflight", "version": __version__},
+            "phase": self.phase,
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
+            "summary": self.summary,
+            "host": self.host_json(),
+            "checks": [r.to_json() for r in self.results],
+            "guests": [g.to_json() for g in self.facts.guests],
+            "generated_at": self.generated_at,
+            "duration_ms": round(self.duration_ms, 1),
+        }
+        out.update(self.extra)
+        return out
+
+
+def _blocks(check_id: str, status: str, blocking: bool, phase: str, policy: Policy) -> str | None:
+    if status == "fail" and blocking:
+        return "fail"
+    if status == "unknown" and blocking:
+        return "unknown"
+    if status == "warn" and policy.warn_blocks(check_id, phase):
+        return "fail"
+    return None
+
+
+def evaluate(facts: HostFacts, phase: str, policy: Policy, started: float | None = None) -> Report:
+    """Run every check for `phase` and compute the verdict (DESIGN.md, "The checklist")."""
+    results: list[CheckResult] = []
+    for chk in CHECKS:
+        out: Outcome = chk.evaluate(facts, phase)
+        blocking = out.status != "skip" and policy.is_blocking(chk.id, chk.blocking, phase)
+        remedy = out.remedy if out.status not in ("pass", "skip") else None
+        results.append(
+            CheckResult(
+                chk.id,
+                chk.title,
+                out.status,
+                blocking,
+                out.summary,
+                out.evidence or {},
+                remedy,
+                _blocks(chk.id, out.status, blocking, phase, policy),
+            )
+        )
+    failed = [r for r in results if r.blocks == "fail"]
+    unknown = [r for r in results if r.blocks == "unknown"]
+    if failed:
+        verdict, code = "block", EXIT_FAIL
+    elif unknown:
+        verdict, code = "block", EXIT_UNKNOWN
+    else:
+        verdict, code = "allow", EXIT_ALLOW
+    summary = _summary(phase, verdict, failed + unknown, results)
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    duration = (time.monotonic() - started) * 1000 if started is not None else 0.0
+    return Report(phase, facts, results, verdict, code, summary, now, duration)
+
+
+def _summary(
+    phase: str, verdict: str, blockers: list[CheckResult], results: list[CheckResult]
+) -> str:
+    if verdict == "block":
+        first = blockers[0]
+        more = f" (+{len(blockers) - 1} more)" if len(blockers) > 1 else ""
+        return f"kexec blocked ({phase}): {first.id} {first.status}: {first.summary}{more}"
+    warns = [r.id for r in results if r.status == "warn"]
+    tail = f" with {len(warns)} warning{'s' if len(warns) != 1 else ''} ({', '.join(warns)})"
+    return f"kexec allowed ({phase})" + (tail if warns else "")

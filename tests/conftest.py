@@ -1,0 +1,123 @@
+"""Shared test helpers: the installed console script as a subprocess, KVM holders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def console_script() -> str:
+    """The `tdx-preflight` that pip installed next to this interpreter."""
+    beside = Path(sys.executable).parent / "tdx-preflight"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("tdx-preflight")
+    if not found:
+        pytest.fail("the tdx-preflight console script is not installed (pip install -e .)")
+    return found
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.stdout)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Run:
+    proc = subprocess.run(
+        [console_script(), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def statuses(report: dict[str, Any]) -> dict[str, str]:
+    return {c["id"]: c["status"] for c in report["checks"]}
+
+
+@pytest.fixture
+def cli() -> Any:
+    return run_cli
+
+
+def kvm_usable() -> str | None:
+    """None when /dev/kvm can create VMs here, else the reason it cannot."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm is absent on this machine"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not readable and writable by this user"
+    return None
+
+
+class KvmHolder:
+    """A child process holding real KVM VMs (tests/kvm_holder.py)."""
+
+    def __init__(self, *args: str, count: int = 1, thread: bool = False) -> None:
+        cmd = [sys.executable, str(HERE / "kvm_holder.py"), "--count", str(count)]
+        if thread:
+            cmd.append("--thread")
+        self.proc = subprocess.Popen(
+            [*cmd, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(5)
+            raise RuntimeError("kvm_holder did not start")
+        info = json.loads(line)
+        self.pid: int = info["pid"]
+        self.tid: int = info["tid"]
+        self.fds: list[int] = info["fds"]
+
+    def close_vms(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("close\n")
+        self.proc.stdin.flush()
+        json.loads(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def kvm_holder() -> Iterator[Any]:
+    reason = kvm_usable()
+    if reason:
+        print(f"skipping: {reason}")
+        pytest.skip(reason)
+    holders: list[KvmHolder] = []
+
+    def start(*args: str, count: int = 1, thread: bool = False) -> KvmHolder:
+        h = KvmHolder(*args, count=count, thread=thread)
+        holders.append(h)
+        return h
+
+    yield start
+    for h in holders:
+        h.stop()
