@@ -138,10 +138,16 @@ def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -
 
 
 @cli.command()
+@common
 @click.argument("check_id", required=False)
-def explain(check_id: str | None) -> None:
-    """What a check asks, why it matters on a TDX host, what it reads, how to fix it."""
+def explain(root: str | None, config_path: str | None, check_id: str | None) -> None:
+    """What a check asks, why it matters on a TDX host, what it reads, how to fix it.
+
+    With a configuration, the phases it blocks in include the configured ones.
+    """
     from .checks import CHECKS
+
+    _host, policy = _setup(root, config_path)
 
     if check_id is None:
         for c in CHECKS:
@@ -153,7 +159,12 @@ def explain(check_id: str | None) -> None:
             f"tdx-preflight: unknown check {check_id!r}; known: {', '.join(REGISTRY)}", err=True
         )
         sys.exit(EXIT_USAGE)
-    blocking = ", ".join(p for p in PHASES if p in chk.blocking) or "never (advisory)"
+    blocking = (
+        ", ".join(p for p in PHASES if policy.is_blocking(chk.id, chk.blocking, p))
+        or "never (advisory)"
+    )
+    if chk.id in policy.block_on_warn or chk.id in (policy.blocking or {}):
+        blocking += f" (configured in {policy.source}: its warn blocks too)"
     lines = [
         f"{chk.id}: {chk.title}",
         "",

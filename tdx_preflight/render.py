@@ -55,10 +55,10 @@ def report_text(report: Report, *, verbose: bool = False, colour: bool = False) 
             lines.append(f"{'':8} {'':{width}}  evidence: {ev}")
     if verbose:
         lines.extend(_guest_lines(f.guests, verbose=True))
-    verdict = f"verdict: {report.verdict.upper()} (exit {report.exit_code}): {report.summary}"
-    lines.append(_style(verdict, report.verdict, colour, bold=True))
     if any(r.blocks for r in report.results):
         lines.append("(* blocks the verdict)")
+    verdict = f"verdict: {report.verdict.upper()} (exit {report.exit_code}): {report.summary}"
+    lines.append(_style(verdict, report.verdict, colour, bold=True))
     return "\n".join(lines)
 
 

@@ -28,6 +28,14 @@ def test_explain_every_check() -> None:
         assert chk.why.split()[0] in run.stdout
 
 
+def test_explain_shows_configured_blocking(tmp_path: Path) -> None:
+    assert "never (advisory)" in run_cli("explain", "guests.vm").stdout
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("blocking:\n  guests.vm: [exec]\n")
+    run = run_cli("explain", "guests.vm", "--config", str(cfg))
+    assert run.code == 0 and "Blocks in: exec (configured in" in run.stdout
+
+
 def test_explain_unknown_check_is_a_usage_error() -> None:
     run = run_cli("explain", "guests.nope")
     assert run.code == 2 and "guests.td" in run.stderr

@@ -371,7 +371,7 @@ def test_text_output_names_every_check_and_the_verdict(tmp_path: Path) -> None:
     run = run_cli("check", "--root", str(root))
     assert run.code == 1
     lines = run.stdout.splitlines()
-    assert lines[-2].startswith("verdict: BLOCK (exit 1)")
+    assert lines[-1].startswith("verdict: BLOCK (exit 1)")
     assert any(line.startswith("FAIL") and "guests.td" in line for line in lines)
     assert any("fix:" in line for line in lines)
     assert "\x1b[" not in run.stdout  # no colour when not on a terminal
