@@ -1,0 +1,1 @@
+"""The agent: uevent watcher, VM ledger, reconcile, control socket, state file, systemd."""
