@@ -11,7 +11,7 @@ import click
 
 from . import __version__
 from .checks import PHASES, REGISTRY
-from .report import EXIT_UNKNOWN, EXIT_USAGE
+from .report import EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_USAGE
 
 _common_root = click.option(
     "--root",
@@ -73,7 +73,12 @@ def cli() -> None:
     "-v", "--verbose", is_flag=True, help="Show the evidence of every check and the guests."
 )
 def check(root: str | None, config_path: str | None, phase: str, fmt: str, verbose: bool) -> None:
-    """Run the checklist once and exit 0 (allow), 1 (block), 3 (block: unknown)."""
+    """Run the checklist once and exit 0 (allow), 1 (block), 3 (block: unknown).
+
+    When a daemon watching the same root answers, its TD ledger feeds
+    guests.teardown; otherwise the check runs alone and says so.
+    """
+    from .daemon.client import daemon_ledger
     from .facts import gather
     from .render import report_json, report_text, use_colour
     from .report import evaluate
@@ -81,8 +86,11 @@ def check(root: str | None, config_path: str | None, phase: str, fmt: str, verbo
     started = time.monotonic()
     host, policy = _setup(root, config_path)
     with host:
-        facts = gather(host, load_msr_module=policy.load_msr_module)
+        d = daemon_ledger(policy.control_socket, host.root)
+        facts = gather(host, load_msr_module=policy.load_msr_module, ledger=d.ledger)
         report = evaluate(facts, phase, policy, started)
+    report.extra["daemon"] = d.info
+    report.notes.append(d.note)
     if fmt == "json":
         click.echo(report_json(report))
     else:
@@ -101,12 +109,14 @@ def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -
 
     Exit 0 when the list is complete, 3 when VMs could not be enumerated.
     """
+    from .daemon.client import daemon_ledger
     from .facts import gather
     from .render import dump_json, guests_text
 
-    host, _policy = _setup(root, config_path)
+    host, policy = _setup(root, config_path)
     with host:
-        facts = gather(host, load_msr_module="never", full=False)
+        d = daemon_ledger(policy.control_socket, host.root)
+        facts = gather(host, load_msr_module="never", full=False, ledger=d.ledger)
     e = facts.enumeration
     cur = facts.root_tdx_current
     code = 0 if e.complete else EXIT_UNKNOWN
@@ -124,6 +134,7 @@ def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -
                     "tdx_in_use": facts.tdx_use.state == "yes",
                     "root_misc_current_tdx": cur if isinstance(cur, int) else None,
                     "guests": [g.to_json() for g in facts.guests],
+                    "daemon": d.info,
                 }
             )
         )
@@ -134,7 +145,57 @@ def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -
             click.echo(f"incomplete: {e.problem}", err=True)
         if isinstance(cur, int):
             click.echo(f"root misc.current tdx: {cur}")
+        click.echo(d.note)
     sys.exit(code)
+
+
+@cli.command()
+@common
+def daemon(root: str | None, config_path: str | None) -> None:
+    """Run the agent in the foreground (systemd Type=notify): track VMs and TDs, serve reports."""
+    from .daemon.service import run_daemon
+
+    host, policy = _setup(root, config_path)
+    host.close()
+    sys.exit(run_daemon(policy, host.root, config_path))
+
+
+@cli.command()
+@common
+@click.option(
+    "--format", "fmt", type=click.Choice(("text", "json")), default="text", show_default=True
+)
+def status(root: str | None, config_path: str | None, fmt: str) -> None:
+    """The daemon's view: verdict, live TDs and VMs, TD lifecycles, resyncs, uptime.
+
+    Exit 0/1/3 as for check, 4 when no daemon answers (nor a fresh state file).
+    """
+    from .daemon.client import request
+    from .render import dump_json, status_text
+
+    _host, policy = _setup(root, config_path)
+    reply = request(policy.control_socket, {"op": "status"})
+    source = f"control socket {policy.control_socket}"
+    if reply is None or not reply.get("ok"):
+        from .daemon.state import read_state
+
+        boot = _host.read_value("proc/sys/kernel/random/boot_id")
+        state, why = read_state(
+            policy.state_file, policy.state_max_age, boot if isinstance(boot, str) else None
+        )
+        if state is None:
+            click.echo(
+                f"tdx-preflight: no daemon answers on {policy.control_socket}; {why}", err=True
+            )
+            sys.exit(EXIT_NO_DAEMON)
+        reply, source = state, f"state file {policy.state_file} (the socket did not answer)"
+    reply["source"] = source
+    if fmt == "json":
+        click.echo(dump_json(reply))
+    else:
+        click.echo(status_text(reply))
+    code = reply.get("exit_code")
+    sys.exit(code if code in (0, 1, 3) else EXIT_UNKNOWN)
 
 
 @cli.command()

@@ -32,6 +32,23 @@ class Policy(NamedTuple):
     block_on_warn: frozenset[str] = frozenset()
     #: Extra phases in which a check blocks (its warn then blocks too). Never fewer.
     blocking: dict[str, frozenset[str]] | None = None
+    # -- the daemon --------------------------------------------------------------
+    #: Seconds between reconciles with the kernel's truth; 0 disables the timer.
+    reconcile_interval: float = 60.0
+    control_socket: str = "/run/tdx-preflight/control.sock"
+    #: Group owning the control socket (mode 0660); None: root's group.
+    socket_group: str | None = None
+    state_file: str = "/run/tdx-preflight/state.json"
+    #: A state file older than this (seconds) is stale for readers.
+    state_max_age: float = 300.0
+    #: A control client that sends no complete request within this is dropped.
+    client_timeout: float = 10.0
+    #: Uevent socket receive buffer (bytes), forced past rmem_max where allowed.
+    uevent_rcvbuf: int = 8 * 1024 * 1024
+    #: Hold a logind shutdown block inhibitor while TDs run.
+    inhibit_shutdown: bool = False
+    #: D-Bus address for the inhibitor; None: the system bus.
+    inhibit_bus: str | None = None
     source: str | None = None
 
     def is_blocking(self, check_id: str, default: frozenset[str], phase: str) -> bool:
@@ -158,9 +175,47 @@ def _blocking(path: str, node: Any, value: Any) -> dict[str, frozenset[str]]:
     return out
 
 
+def _number(minimum: float, integer: bool = False) -> Any:
+    def check(path: str, node: Any, value: Any) -> float:
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok or value < minimum:
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(path, _line(node), f"expected {kind} >= {minimum}, got {value!r}")
+        return value
+
+    return check
+
+
+def _path(path: str, node: Any, value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ConfigError(path, _line(node), f"expected an absolute path, got {value!r}")
+    return value
+
+
+def _optional_str(path: str, node: Any, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(path, _line(node), f"expected a name, got {value!r}")
+    return value
+
+
+def _bool(path: str, node: Any, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, _line(node), f"expected true or false, got {value!r}")
+    return value
+
+
 _SETTINGS = {
     "root": _root,
     "load_msr_module": _msr,
     "block_on_warn": _block_on_warn,
     "blocking": _blocking,
+    "reconcile_interval": _number(0),
+    "control_socket": _path,
+    "socket_group": _optional_str,
+    "state_file": _path,
+    "state_max_age": _number(1),
+    "client_timeout": _number(0.1),
+    "uevent_rcvbuf": _number(4096, integer=True),
+    "inhibit_shutdown": _bool,
+    "inhibit_bus": _optional_str,
 }

@@ -55,6 +55,7 @@ def report_text(report: Report, *, verbose: bool = False, colour: bool = False) 
             lines.append(f"{'':8} {'':{width}}  evidence: {ev}")
     if verbose:
         lines.extend(_guest_lines(f.guests, verbose=True))
+    lines.extend(report.notes)
     if any(r.blocks for r in report.results):
         lines.append("(* blocks the verdict)")
     verdict = f"verdict: {report.verdict.upper()} (exit {report.exit_code}): {report.summary}"
@@ -88,3 +89,44 @@ def guests_text(guests: list[Guest], header: str, verbose: bool = False) -> str:
 
 def dump_json(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, default=str)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d" if d else "") + (f"{h}h" if h or d else "") + f"{m}m{s:02d}s"
+
+
+def status_text(st: dict[str, Any]) -> str:
+    """The daemon's status reply for a person."""
+    lines = [
+        f"tdx-preflight daemon pid {st.get('daemon_pid')}, up {_duration(st.get('uptime_s', 0))}, "
+        f"root {st.get('root')} ({st.get('source')})",
+        f"{st.get('status_line')}",
+    ]
+    live = st.get("live", {})
+    for kind in ("tds", "unknown", "vms"):
+        for e in live.get(kind, []):
+            lines.append(
+                f"  {e['kind']:<8}{e.get('pid') or '-':>8}  {e.get('name') or '?':<24}"
+                f"created {e.get('created_at')} by {e.get('created_by')}"
+            )
+    recent = st.get("recent_tds", [])
+    if recent:
+        lines.append("recent TD lifecycles:")
+        for e in recent[-10:]:
+            lines.append(
+                f"  {e.get('name') or '?'} (pid {e.get('pid')}): created {e.get('created_at')}, "
+                f"destroyed {e.get('destroyed_at')} by {e.get('destroyed_by')}, "
+                f"teardown {e.get('teardown')}"
+            )
+    last = st.get("last_reconcile") or {}
+    lines.append(
+        f"events {st.get('events')}, resyncs {st.get('resyncs')}, reconciles "
+        f"{st.get('reconciles')} (last: {last.get('why')} at {last.get('at')})"
+    )
+    verdict = str(st.get("verdict") or "unknown")
+    lines.append(f"verdict: {verdict.upper()} (exit {st.get('exit_code')}): {st.get('summary')}")
+    return "\n".join(lines)

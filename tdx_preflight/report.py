@@ -13,7 +13,7 @@ from .host import Problem
 from .policy import Policy
 
 SCHEMA = 1
-EXIT_ALLOW, EXIT_FAIL, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
+EXIT_ALLOW, EXIT_FAIL, EXIT_USAGE, EXIT_UNKNOWN, EXIT_NO_DAEMON = 0, 1, 2, 3, 4
 
 
 class CheckResult(NamedTuple):
@@ -63,6 +63,8 @@ class Report:
         self.duration_ms = duration_ms
         #: Fields later layers add to the JSON (e.g. where the ledger came from).
         self.extra: dict[str, Any] = {}
+        #: Lines the text rendering shows before the verdict.
+        self.notes: list[str] = []
 
     def result(self, check_id: str) -> CheckResult:
         return next(r for r in self.results if r.id == check_id)

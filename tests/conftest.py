@@ -71,10 +71,12 @@ def kvm_usable() -> str | None:
 class KvmHolder:
     """A child process holding real KVM VMs (tests/kvm_holder.py)."""
 
-    def __init__(self, *args: str, count: int = 1, thread: bool = False) -> None:
+    def __init__(
+        self, *args: str, count: int = 1, thread: bool = False, hold_thread: bool = False
+    ) -> None:
         cmd = [sys.executable, str(HERE / "kvm_holder.py"), "--count", str(count)]
         if thread:
-            cmd.append("--thread")
+            cmd.append("--hold-thread" if hold_thread else "--thread")
         self.proc = subprocess.Popen(
             [*cmd, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -88,11 +90,21 @@ class KvmHolder:
         self.tid: int = info["tid"]
         self.fds: list[int] = info["fds"]
 
-    def close_vms(self) -> None:
+    def command(self, line: str) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("close\n")
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
-        json.loads(self.proc.stdout.readline())
+        return json.loads(self.proc.stdout.readline())
+
+    def close_vms(self) -> None:
+        self.command("close")
+        self.fds = []
+
+    def burst(self, n: int, keep: int) -> list[int]:
+        """Create n VMs as fast as possible, destroy all but the last `keep`."""
+        kept = self.command(f"burst {n} {keep}")["kept"]
+        self.fds.extend(kept)
+        return kept
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -113,8 +125,10 @@ def kvm_holder() -> Iterator[Any]:
         pytest.skip(reason)
     holders: list[KvmHolder] = []
 
-    def start(*args: str, count: int = 1, thread: bool = False) -> KvmHolder:
-        h = KvmHolder(*args, count=count, thread=thread)
+    def start(
+        *args: str, count: int = 1, thread: bool = False, hold_thread: bool = False
+    ) -> KvmHolder:
+        h = KvmHolder(*args, count=count, thread=thread, hold_thread=hold_thread)
         holders.append(h)
         return h
 

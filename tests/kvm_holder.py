@@ -1,12 +1,17 @@
 """A process that holds real KVM VMs, for the live tests.
 
-Run as `python kvm_holder.py [--count N] [--thread] [ARGS...]`: it opens
-/dev/kvm, creates N VMs with KVM_CREATE_VM (from a second thread with
---thread, so the kernel's creator tid differs from the pid), prints one JSON
-line {"pid", "tid", "fds"} and waits. The remaining ARGS only decorate the
-command line (e.g. `-object tdx-guest,id=tdx0 -name td-live`) so that the
-process looks like a VMM launch. A line "close" on stdin destroys the VMs
-(prints {"closed": N}); end of input exits.
+Run as `python kvm_holder.py [--count N] [--thread] [--hold-thread] [ARGS...]`:
+it opens /dev/kvm, creates N VMs with KVM_CREATE_VM (from a second thread with
+--thread, so the kernel's creator tid differs from the pid; --hold-thread keeps
+that thread alive), prints one JSON line {"pid", "tid", "fds"} and waits. The
+remaining ARGS only decorate the command line (e.g. `-object tdx-guest,id=tdx0
+-name td-live`) so that the process looks like a VMM launch.
+
+Commands on stdin, one per line, each answered with a JSON line:
+  close          destroy every VM held                -> {"closed": N}
+  burst N K      create N VMs as fast as possible,
+                 then destroy all but the last K       -> {"created": N, "kept": [fds]}
+End of input exits.
 """
 
 from __future__ import annotations
@@ -14,43 +19,62 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import sys
 import threading
 
 KVM_CREATE_VM = 0xAE01
 
 
-def create(kvm: int, count: int, out: dict[str, object]) -> None:
+def create(kvm: int, count: int, out: dict[str, object], hold: threading.Event | None) -> None:
     out["tid"] = threading.get_native_id()
     out["fds"] = [fcntl.ioctl(kvm, KVM_CREATE_VM, 0) for _ in range(count)]
+    if hold is not None:
+        hold.wait()
 
 
 def main(argv: list[str]) -> int:
     count = 1
-    use_thread = False
-    while argv and argv[0] in ("--count", "--thread"):
+    use_thread = hold_thread = False
+    while argv and argv[0] in ("--count", "--thread", "--hold-thread"):
         if argv[0] == "--count":
             count = int(argv[1])
             argv = argv[2:]
         else:
             use_thread = True
+            hold_thread = hold_thread or argv[0] == "--hold-thread"
             argv = argv[1:]
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     result: dict[str, object] = {"pid": os.getpid()}
+    release = threading.Event() if hold_thread else None
     if use_thread:
-        t = threading.Thread(target=create, args=(kvm, count, result))
+        t = threading.Thread(target=create, args=(kvm, count, result, release), daemon=True)
         t.start()
-        t.join()
+        while "fds" not in result:
+            t.join(0.001)
     else:
-        create(kvm, count, result)
+        create(kvm, count, result, None)
     print(json.dumps(result), flush=True)
     fds = list(result["fds"])  # type: ignore[call-overload]
     for line in sys.stdin:
-        if line.strip() == "close":
+        words = line.split()
+        if words[:1] == ["close"]:
             for fd in fds:
                 os.close(fd)
             print(json.dumps({"closed": len(fds)}), flush=True)
             fds = []
+            if release is not None:
+                release.set()
+        elif words[:1] == ["burst"]:
+            n, keep = int(words[1]), int(words[2])
+            made = [fcntl.ioctl(kvm, KVM_CREATE_VM, 0) for _ in range(n)]
+            for fd in made[: n - keep]:
+                os.close(fd)
+            kept = made[n - keep :]
+            fds.extend(kept)
+            print(json.dumps({"created": n, "kept": kept}), flush=True)
     return 0
 
 

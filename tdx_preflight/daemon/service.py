@@ -1,0 +1,478 @@
+"""The daemon: one asyncio loop keeping a VM ledger current and serving reports.
+
+Order at start: subscribe to kernel uevents first, then reconcile with the
+kernel's truth (debugfs or /proc), then apply events. Events update the ledger
+at once; a debounced refresh re-reads the host (in a worker thread), classifies
+the VMs, recomputes the report and writes state.json. Reconcile runs again on
+SIGHUP, on a lost-events overflow, when an event's COUNT disagrees with the
+ledger, and every `reconcile_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from ..facts import HostFacts, gather
+from ..host import Host, Problem
+from ..policy import ConfigError, Policy, load
+from ..readers import kvm
+from ..report import Report, evaluate
+from .control import ControlServer, Peer, RequestError
+from .ledger import CREATE_GRACE, Entry, VmLedger, rfc3339
+from .state import SCHEMA, write_atomic
+from .uevents import KvmEvent, Overflow, UeventSource
+
+log = logging.getLogger("tdx_preflight.daemon")
+
+#: Wait this long after a change before refreshing, so a burst costs one refresh.
+DEBOUNCE = 0.05
+#: Reconciles closer together than this are merged.
+RECONCILE_SPACING = 0.2
+#: After a TD is destroyed, re-read misc.current at these delays to confirm teardown.
+TEARDOWN_CHECKS = (0.05, 0.2, 1.0, 3.0, 10.0, 30.0)
+
+
+def status_line(report: Report | None, ledger: VmLedger) -> str:
+    tds = len(ledger.live_tds())
+    vms = ledger.live_count - tds
+    parts = []
+    if tds:
+        parts.append(f"{tds} TD guest{'s' if tds != 1 else ''} running")
+    if vms:
+        parts.append(f"{vms} VM{'s' if vms != 1 else ''}")
+    if not parts:
+        parts.append("no TD guest")
+    verdict = "unknown" if report is None else report.verdict
+    word = {"allow": "kexec allowed", "block": "kexec blocked"}.get(verdict, "not checked yet")
+    return f"{', '.join(parts)}: {word}"
+
+
+def _guest_of(e: Entry) -> kvm.Guest:
+    return kvm.Guest(
+        e.pid, e.tid, e.vm_fd if e.vm_fd is not None else -1, e.kind, e.name, tuple(e.evidence)
+    )
+
+
+class Daemon:
+    def __init__(self, policy: Policy, root: str, config_path: str | None) -> None:
+        self.policy = policy
+        self.root = root
+        self.config_path = config_path
+        self.host = Host(root)
+        self.ledger = VmLedger()
+        self.source = UeventSource(policy.uevent_rcvbuf)
+        self.server: ControlServer | None = None
+        self.started = time.time()
+        self.resyncs = 0
+        self.reconciles = 0
+        self.events = 0
+        self.facts: HostFacts | None = None
+        self.report: Report | None = None
+        self.last_reconcile: dict[str, Any] = {}
+        self._stop = asyncio.Event()
+        self._refresh_wanted = asyncio.Event()
+        self._reconcile_wanted: str | None = None
+        self._reconcile_event = asyncio.Event()
+        self._state_wanted = asyncio.Event()
+        self._inhibitor: Any = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._boot_id: str | None = None
+        from .notify import Notifier
+
+        self.notifier = Notifier()
+
+    # -- life cycle ----------------------------------------------------------------
+
+    async def run(self) -> int:
+        for path in (self.policy.control_socket, self.policy.state_file):
+            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+        boot = self.host.read_value("proc/sys/kernel/random/boot_id")
+        self._boot_id = boot if isinstance(boot, str) else None
+        await self.source.open()  # subscribe before the first reconcile: nothing falls between
+        log.info(
+            "uevents: kernel group 1, receive buffer %s bytes%s",
+            self.source.effective_rcvbuf,
+            "" if self.source.forced else " (not forced: no CAP_NET_ADMIN)",
+        )
+        self._reconcile_now("start")
+        await self.refresh()
+        self.server = ControlServer(
+            self.policy.control_socket,
+            self.policy.socket_group,
+            self.policy.client_timeout,
+            self.handle,
+        )
+        await self.server.start()
+        self._write_state()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        self._tasks = [
+            asyncio.create_task(self._event_loop(), name="uevents"),
+            asyncio.create_task(self._refresher(), name="refresh"),
+            asyncio.create_task(self._reconciler(), name="reconcile"),
+            asyncio.create_task(self._state_writer(), name="state"),
+        ]
+        if self.policy.reconcile_interval > 0:
+            self._tasks.append(asyncio.create_task(self._timer(), name="timer"))
+        if self.notifier.watchdog_interval:
+            self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+        self.notifier.ready(status_line(self.report, self.ledger))
+        log.info(
+            "ready: %s; control socket %s",
+            status_line(self.report, self.ledger),
+            self.policy.control_socket,
+        )
+        await self._stop.wait()
+        log.info("stopping")
+        self.notifier.stopping()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.server.close()
+        self.source.close()
+        if self._inhibitor is not None:
+            await asyncio.to_thread(self._inhibitor.close)
+        self.host.close()
+        return 0
+
+    def _on_sighup(self) -> None:
+        try:
+            policy = load(self.config_path)
+        except ConfigError as exc:
+            log.error("reload: invalid configuration, keeping the old one: %s", exc)
+        else:
+            fixed = [
+                k
+                for k in ("control_socket", "socket_group", "state_file", "uevent_rcvbuf", "root")
+                if getattr(policy, k) != getattr(self.policy, k)
+            ]
+            if fixed:
+                log.warning("reload: %s change only with a restart", ", ".join(fixed))
+                policy = policy._replace(**{k: getattr(self.policy, k) for k in fixed})
+            self.policy = policy
+            log.info("reload: configuration %s loaded", policy.source or "(defaults)")
+        self.request_reconcile("SIGHUP")
+
+    # -- events ----------------------------------------------------------------------
+
+    async def _event_loop(self) -> None:
+        while True:
+            try:
+                async for ev in self.source.events():
+                    self.apply(ev)
+            except Overflow as exc:
+                self.resyncs += 1
+                log.warning(
+                    "uevents lost (%s): reopening and reconciling (resync %d)", exc, self.resyncs
+                )
+                self.source.close()
+                await self.source.open()
+                self._reconcile_now("overflow")
+                self._changed()
+
+    def apply(self, ev: KvmEvent) -> None:
+        self.events += 1
+        if ev.event == "create":
+            entry = self.ledger.find_live(ev.tid, ev.vm_fd)
+            if entry is None:
+                pid = kvm.tgid_of(self.host, ev.tid)
+                entry = self.ledger.create(
+                    ev.tid,
+                    ev.vm_fd,
+                    pid if isinstance(pid, int) else None,
+                    by="event",
+                    serial=ev.created,
+                )
+                self._classify_new(entry)
+            else:
+                entry.serial = ev.created
+            log.info(
+                "VM created: %s %s (tid %d fd %s)", entry.kind, entry.label(), ev.tid, ev.vm_fd
+            )
+        else:
+            entry = self.ledger.find_live(ev.tid, ev.vm_fd)
+            if entry is not None:
+                self.ledger.destroy(entry, by="event")
+                log.info("VM destroyed: %s %s", entry.kind, entry.label())
+                if entry.kind == "td":
+                    self._schedule_teardown_checks()
+        if ev.count is not None and ev.count != self.ledger.live_count:
+            self.request_reconcile(
+                f"COUNT {ev.count} from the kernel, {self.ledger.live_count} in the ledger"
+            )
+        self._changed()
+
+    def _classify_new(self, entry: Entry) -> None:
+        """Positive TD evidence now; the debounced refresh classifies the rest."""
+        handle = kvm.VmHandle(
+            entry.tid, entry.vm_fd if entry.vm_fd is not None else -1, entry.pid, "uevent create"
+        )
+        tdx_state = self.facts.tdx_use.state if self.facts else "no"
+        [g] = kvm.classify(
+            self.host, kvm.Enumeration("event", (handle,)), "no", Problem("absent", "", "not read")
+        )
+        entry.name = g.name
+        entry.evidence = ["uevent create", *g.evidence[1:]]
+        if g.kind == "td":
+            entry.kind = "td"
+        else:
+            # Without positive evidence on a TDX host the root misc count decides (refresh).
+            entry.kind = "vm" if tdx_state == "no" else "unknown"
+
+    def _changed(self) -> None:
+        self._refresh_wanted.set()
+        self._state_wanted.set()
+
+    # -- reconcile ---------------------------------------------------------------------
+
+    def request_reconcile(self, why: str) -> None:
+        if self._reconcile_wanted is None:
+            self._reconcile_wanted = why
+        self._reconcile_event.set()
+
+    def _reconcile_now(self, why: str) -> None:
+        enumeration = kvm.enumerate_vms(self.host)
+        if enumeration.method is None:
+            log.error("reconcile (%s): cannot enumerate VMs: %s", why, enumeration.problem)
+            self.last_reconcile = {
+                "at": rfc3339(time.time()),
+                "why": why,
+                "error": str(enumeration.problem),
+            }
+            return
+        before = {id(e) for e in self.ledger.live}
+        added, removed, deferred = self.ledger.reconcile(enumeration.vms, enumeration.method)
+        if deferred:
+            asyncio.get_running_loop().call_later(
+                CREATE_GRACE + 0.1, self.request_reconcile, "deferred VMs"
+            )
+        for e in self.ledger.live:
+            if id(e) not in before:
+                self._classify_new(e)
+                e.evidence.append("seen by reconcile")
+        self.reconciles += 1
+        self.last_reconcile = {
+            "at": rfc3339(time.time()),
+            "why": why,
+            "added": added,
+            "removed": removed,
+            "method": enumeration.method,
+        }
+        level = logging.INFO if (added or removed or why != "timer") else logging.DEBUG
+        log.log(
+            level,
+            "reconcile (%s): %d live, %d added, %d removed",
+            why,
+            self.ledger.live_count,
+            added,
+            removed,
+        )
+        if removed:
+            self._schedule_teardown_checks()
+        self._changed()
+
+    async def _reconciler(self) -> None:
+        while True:
+            await self._reconcile_event.wait()
+            await asyncio.sleep(RECONCILE_SPACING)
+            self._reconcile_event.clear()
+            why, self._reconcile_wanted = self._reconcile_wanted or "requested", None
+            self._reconcile_now(why)
+
+    async def _timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.policy.reconcile_interval or 60)
+            if self.policy.reconcile_interval > 0:
+                self.request_reconcile("timer")
+
+    def _schedule_teardown_checks(self) -> None:
+        loop = asyncio.get_running_loop()
+        for delay in TEARDOWN_CHECKS:
+            loop.call_later(delay, self._check_teardowns)
+
+    def _check_teardowns(self) -> None:
+        if not self.ledger.pending_teardowns():
+            return
+        from ..readers import cgroup
+
+        current = cgroup.read_misc(self.host, "misc.current")
+        count = cgroup.tdx_count(current, self.host.display("sys/fs/cgroup/misc.current"))
+        for e in self.ledger.confirm_teardowns(count):
+            log.info("TD teardown confirmed: %s (root misc.current tdx %s)", e.label(), count)
+        self._changed()
+
+    # -- refresh -------------------------------------------------------------------------
+
+    def _gather(self) -> HostFacts:
+        with Host(self.root) as host:
+            return gather(host, load_msr_module=self.policy.load_msr_module)
+
+    async def refresh(self) -> None:
+        facts = await asyncio.to_thread(self._gather)
+        self.ledger.classify(facts.guests)
+        for e in self.ledger.confirm_teardowns(facts.root_tdx_current):
+            log.info("TD teardown confirmed: %s", e.label())
+        self.facts = facts
+        self.report = self._evaluate("exec")
+        self.notifier.status(status_line(self.report, self.ledger))
+        await self._update_inhibitor()
+
+    async def _refresher(self) -> None:
+        while True:
+            await self._refresh_wanted.wait()
+            await asyncio.sleep(DEBOUNCE)
+            self._refresh_wanted.clear()
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("refresh failed")
+            self._state_wanted.set()
+
+    def _evaluate(self, phase: str, fresh: HostFacts | None = None) -> Report:
+        """The report for `phase`: from freshly read facts, or from the last facts with
+        the ledger's live VMs (which events keep current between refreshes)."""
+        started = time.monotonic()
+        if fresh is not None:
+            facts = fresh._replace(ledger=self.ledger.view())
+        else:
+            assert self.facts is not None
+            live = [_guest_of(e) for e in self.ledger.live]
+            facts = self.facts._replace(guests=live, ledger=self.ledger.view())
+        return evaluate(facts, phase, self.policy, started)
+
+    async def _update_inhibitor(self) -> None:
+        if not self.policy.inhibit_shutdown:
+            return
+        if self._inhibitor is None:
+            from .inhibit import ShutdownInhibitor
+
+            self._inhibitor = ShutdownInhibitor(self.policy.inhibit_bus)
+        tds = self.ledger.live_tds()
+        if tds:
+            if not self._inhibitor.held:
+                why = f"{len(tds)} TD guests running: " + ", ".join(e.label() for e in tds[:5])
+                err = await asyncio.to_thread(self._inhibitor.hold, why)
+                if err:
+                    log.warning("shutdown inhibitor not taken: %s", err)
+                else:
+                    log.info("shutdown inhibitor taken: %s", why)
+        elif self._inhibitor.held and not self.ledger.pending_teardowns():
+            await asyncio.to_thread(self._inhibitor.release)
+            log.info("shutdown inhibitor released: no TD left")
+
+    # -- state file ------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        report = self._evaluate("exec") if self.facts else None
+        return {
+            "schema": SCHEMA,
+            "boot_id": self._boot_id,
+            "pid": os.getpid(),
+            "generated_at": rfc3339(time.time()),
+            "written_at": time.time(),
+            **self.status(report),
+            "report": report.to_json() if report else None,
+            "ledger": self.ledger_json(),
+        }
+
+    def _write_state(self) -> None:
+        try:
+            write_atomic(self.policy.state_file, self.state())
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.policy.state_file, exc)
+
+    async def _state_writer(self) -> None:
+        while True:
+            await self._state_wanted.wait()
+            await asyncio.sleep(DEBOUNCE / 2)
+            self._state_wanted.clear()
+            self._write_state()
+
+    # -- watchdog ----------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval or 10.0
+        while True:
+            self.notifier.watchdog()  # from the loop itself: a stuck loop stops the pings
+            await asyncio.sleep(interval)
+
+    # -- control requests ---------------------------------------------------------------------
+
+    def status(self, report: Report | None = None) -> dict[str, Any]:
+        report = report or (self._evaluate("exec") if self.facts else None)
+        live = self.ledger.live
+        return {
+            "daemon_pid": os.getpid(),
+            "root": self.host.root,
+            "uptime_s": round(time.time() - self.started, 3),
+            "phase": "exec",
+            "verdict": report.verdict if report else None,
+            "exit_code": report.exit_code if report else 3,
+            "summary": report.summary if report else "not checked yet",
+            "status_line": status_line(report, self.ledger),
+            "live": {
+                "tds": [e.to_json() for e in live if e.kind == "td"],
+                "vms": [e.to_json() for e in live if e.kind == "vm"],
+                "unknown": [e.to_json() for e in live if e.kind == "unknown"],
+            },
+            "recent_tds": [e.to_json() for e in self.ledger.recent_tds()],
+            "resyncs": self.resyncs,
+            "reconciles": self.reconciles,
+            "last_reconcile": self.last_reconcile,
+            "events": self.events,
+            "uevent_rcvbuf": self.source.effective_rcvbuf,
+            "inhibitor": {
+                "enabled": self.policy.inhibit_shutdown,
+                "held": bool(self._inhibitor and self._inhibitor.held),
+            },
+        }
+
+    def ledger_json(self) -> dict[str, Any]:
+        return {
+            "root": self.host.root,
+            "daemon_pid": os.getpid(),
+            "live": [e.to_json() for e in self.ledger.live],
+            "history": [e.to_json() for e in list(self.ledger.history)[-200:]],
+            "tds_not_destroyed": list(self.ledger.view().tds_not_destroyed),
+        }
+
+    async def handle(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        op = req["op"]
+        if op == "status":
+            return self.status()
+        if op == "ledger":
+            return self.ledger_json()
+        if op == "guests":
+            e = self.facts.enumeration if self.facts else None
+            return {
+                "enumeration": {"method": e.method if e else None, "source": "daemon ledger"},
+                "guests": [_guest_of(x).to_json() for x in self.ledger.live],
+            }
+        phase = req.get("phase", "exec")
+        if phase not in ("load", "exec", "crash"):
+            raise RequestError(f"unknown phase {phase!r}")
+        # A gate decision never rests on cached facts: read the host again.
+        facts = await asyncio.to_thread(self._gather)
+        return {"report": self._evaluate(phase, facts).to_json()}
+
+
+def run_daemon(policy: Policy, root: str, config_path: str | None) -> int:
+    from .log import setup_logging
+
+    setup_logging()
+    daemon = Daemon(policy, root, config_path)
+    try:
+        return asyncio.run(daemon.run())
+    except PermissionError as exc:
+        log.critical("cannot start: %s (run as root)", exc)
+        return 1
