@@ -124,8 +124,6 @@ class Host:
         self._safe_fallback = False
         self._msr_fds: dict[int, int | Problem] = {}
         self._msr_files: set[int] = set()
-        #: Notes the readers leave for the evidence (e.g. "loaded the msr module").
-        self.notes: list[str] = []
 
     # -- paths -----------------------------------------------------------------
 

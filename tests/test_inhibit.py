@@ -439,3 +439,30 @@ def test_standin_rejects_other_methods(logind: tuple[str, Path]) -> None:
         "org.freedesktop.DBus.Error.UnknownMethod"
     )
     assert records(record) == []
+
+
+def test_daemon_holds_the_inhibitor_while_a_td_runs(
+    logind: tuple[str, Path], kvm_holder: Callable[..., Any]
+) -> None:
+    """The real daemon, real KVM uevents: a TD appears, the lock is taken; it goes, released."""
+    from daemonproc import DaemonProc
+
+    address, record = logind
+    d = DaemonProc(inhibit_shutdown=True, inhibit_bus=address)
+    try:
+        assert not d.status()["inhibitor"]["held"]
+        td = kvm_holder("-object", "tdx-guest,id=tdx0", "-name", "td-inh")
+        seen = wait_for(record, lambda s: any("what" in r for r in s))
+        [call] = [r for r in seen if "what" in r]
+        assert (call["what"], call["who"], call["mode"]) == ("shutdown", "tdx-preflight", "block")
+        assert "td-inh" in call["why"] and "1 TD guest running" in call["why"]
+        assert d.status()["inhibitor"]["held"] is True
+        td.close_vms()
+        wait_for(record, lambda s: released_count(s) == 1)
+        deadline = time.monotonic() + WAIT
+        while d.status()["inhibitor"]["held"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert "shutdown inhibitor released" in d.log()
+    finally:
+        d.cleanup()

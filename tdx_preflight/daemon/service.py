@@ -360,7 +360,10 @@ class Daemon:
         tds = self.ledger.live_tds()
         if tds:
             if not self._inhibitor.held:
-                why = f"{len(tds)} TD guests running: " + ", ".join(e.label() for e in tds[:5])
+                n = len(tds)
+                why = f"{n} TD guest{'s' if n != 1 else ''} running: " + ", ".join(
+                    e.label() for e in tds[:5]
+                )
                 err = await asyncio.to_thread(self._inhibitor.hold, why)
                 if err:
                     log.warning("shutdown inhibitor not taken: %s", err)
