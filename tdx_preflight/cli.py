@@ -28,6 +28,14 @@ _common_config = click.option(
 )
 
 
+_metrics_option = click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write node_exporter textfile metrics here (e.g. .../tdx_preflight.prom).",
+)
+
+
 def common(func: Callable[..., Any]) -> Callable[..., Any]:
     """--root and --config, the same on every command."""
     return _common_root(_common_config(func))
@@ -72,30 +80,65 @@ def cli() -> None:
 @click.option(
     "-v", "--verbose", is_flag=True, help="Show the evidence of every check and the guests."
 )
-def check(root: str | None, config_path: str | None, phase: str, fmt: str, verbose: bool) -> None:
+@_metrics_option
+def check(
+    root: str | None,
+    config_path: str | None,
+    phase: str,
+    fmt: str,
+    verbose: bool,
+    metrics_file: str | None,
+) -> None:
     """Run the checklist once and exit 0 (allow), 1 (block), 3 (block: unknown).
 
     When a daemon watching the same root answers, its TD ledger feeds
     guests.teardown; otherwise the check runs alone and says so.
     """
+    report = _run_check(root, config_path, phase)
+    _metrics(metrics_file, report)
+    _show(report, fmt, verbose)
+    sys.exit(report.exit_code)
+
+
+def _run_check(
+    root: str | None, config_path: str | None, phase: str, target_image: str | None = None
+) -> Any:
+    """Read the host afresh (with the daemon's TD ledger when it answers) and evaluate."""
     from .daemon.client import daemon_ledger
     from .facts import gather
-    from .render import report_json, report_text, use_colour
     from .report import evaluate
 
     started = time.monotonic()
     host, policy = _setup(root, config_path)
     with host:
         d = daemon_ledger(policy.control_socket, host.root)
-        facts = gather(host, load_msr_module=policy.load_msr_module, ledger=d.ledger)
+        facts = gather(
+            host, load_msr_module=policy.load_msr_module, ledger=d.ledger, target_image=target_image
+        )
         report = evaluate(facts, phase, policy, started)
     report.extra["daemon"] = d.info
     report.notes.append(d.note)
+    return report
+
+
+def _show(report: Any, fmt: str | None, verbose: bool = False) -> None:
+    from .render import report_json, report_text, use_colour
+
     if fmt == "json":
         click.echo(report_json(report))
-    else:
+    elif fmt == "text":
         click.echo(report_text(report, verbose=verbose, colour=use_colour()), color=use_colour())
-    sys.exit(report.exit_code)
+
+
+def _metrics(path: str | None, report: Any) -> None:
+    """Write the metrics file when asked; a failure is a warning, never an exit code."""
+    if not path:
+        return
+    from .metrics import write_metrics
+
+    err = write_metrics(path, [report])
+    if err:
+        click.echo(f"tdx-preflight: warning: {err}", err=True)
 
 
 @cli.command()
@@ -240,6 +283,186 @@ def explain(root: str | None, config_path: str | None, check_id: str | None) -> 
     for status, remedy in chk.remedies.items():
         lines.append(f"  {status}: {remedy}")
     click.echo("\n".join(lines))
+
+
+_GATE = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+_force = click.option("--force", is_flag=True, help="Override a block (root only; needs --reason).")
+_reason = click.option("--reason", default=None, help="Why the override is needed (logged).")
+
+
+def _blocked_line(report: Any) -> str:
+    """The one line a wrapper's log shows: what blocks, and the fix."""
+    blockers = [r for r in report.results if r.blocks]
+    if not blockers:
+        return f"tdx-preflight: {report.summary}"
+    first = blockers[0]
+    more = f" (+{len(blockers) - 1} more)" if len(blockers) > 1 else ""
+    fix = f"; fix: {first.remedy}" if first.remedy else ""
+    return (
+        f"tdx-preflight: kexec {report.phase} blocked: {first.id} {first.status}: "
+        f"{first.summary}{more}{fix}"
+    )
+
+
+def _override(force: bool, reason: str | None) -> Any:
+    """The operator's override, checked before any work: exit 2 when refused."""
+    from .gate import OverrideRefused, override
+
+    try:
+        return override(force, reason)
+    except OverrideRefused as exc:
+        click.echo(f"tdx-preflight: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _gate(report: Any, ov: Any) -> int:
+    """Apply an override to a blocked report; the exit code the gate gives."""
+    from .gate import log_override
+
+    if report.verdict == "allow":
+        return 0
+    if ov is None:
+        return report.exit_code
+    report.extra["overridden"] = {"by": ov.by, "reason": ov.reason}
+    log_override(ov, report.phase, report.verdict, report.summary)
+    click.echo(_blocked_line(report), err=True)
+    click.echo(f"tdx-preflight: OVERRIDDEN by {ov.by}: {ov.reason}", err=True)
+    return 0
+
+
+@cli.command(context_settings=_GATE)
+@common
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(("text", "json")),
+    default=None,
+    help="Also print the report (default: only the exit code and, on block, one line).",
+)
+@_force
+@_reason
+@_metrics_option
+@click.argument("phase", type=click.Choice(PHASES))
+@click.argument("kexec_args", nargs=-1, type=click.UNPROCESSED)
+def hook(
+    root: str | None,
+    config_path: str | None,
+    fmt: str | None,
+    force: bool,
+    reason: str | None,
+    metrics_file: str | None,
+    phase: str,
+    kexec_args: tuple[str, ...],
+) -> None:
+    """For kexec wrappers: `hook PHASE [-- KEXEC ARGS...]`, exit 0 only on allow.
+
+    Re-reads at decision time everything that can change (VMs, misc cgroup,
+    kexec sysfs); the daemon is asked only for its TD ledger. With kexec's
+    arguments, a load names its kernel image, whose TDX support is reported
+    (target.kernel). On block, one line on stderr says what blocks and the fix.
+    """
+    from .gate import parse_kexec_args
+
+    ov = _override(force, reason)
+    # After PHASE click hands everything over verbatim, the `--` separator included.
+    rest = list(kexec_args[1:] if kexec_args[:1] == ("--",) else kexec_args)
+    args = parse_kexec_args(rest)
+    image = args.image if phase in ("load", "crash") else None
+    report = _run_check(root, config_path, phase, image)
+    code = _gate(report, ov)
+    _metrics(metrics_file, report)
+    _show(report, fmt)
+    if code and report.verdict == "block":
+        click.echo(_blocked_line(report), err=True)
+    sys.exit(code)
+
+
+@cli.command("exec", context_settings=_GATE)
+@common
+@click.option(
+    "--phase",
+    type=click.Choice(PHASES),
+    default=None,
+    help="Default: from kexec's own arguments when COMMAND is kexec, else exec.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(("text", "json")),
+    default="text",
+    show_default=True,
+    help="How to print the report when kexec is blocked.",
+)
+@_force
+@_reason
+@_metrics_option
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def exec_(
+    root: str | None,
+    config_path: str | None,
+    phase: str | None,
+    fmt: str,
+    force: bool,
+    reason: str | None,
+    metrics_file: str | None,
+    command: tuple[str, ...],
+) -> None:
+    """Check, then replace this process with COMMAND only on allow.
+
+    `tdx-preflight exec -- systemctl kexec`, `tdx-preflight exec -- kexec -e`.
+    On block the report is printed and the exit code is the check's.
+    """
+    import os
+
+    from .gate import parse_kexec_args
+
+    ov = _override(force, reason)
+    if command[:1] == ("--",):
+        command = command[1:]
+    if not command:
+        click.echo("tdx-preflight: exec needs a COMMAND (e.g. -- kexec -e)", err=True)
+        sys.exit(EXIT_USAGE)
+    image = None
+    if os.path.basename(command[0]) == "kexec":
+        args = parse_kexec_args(list(command[1:]))
+        phase = phase or args.phase
+        image = args.image if phase in ("load", "crash") else None
+    phase = phase or "exec"
+    report = _run_check(root, config_path, phase, image)
+    code = _gate(report, ov)
+    _metrics(metrics_file, report)
+    if code:
+        _show(report, fmt)
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvp(command[0], list(command))
+    except OSError as exc:
+        click.echo(f"tdx-preflight: cannot run {command[0]}: {exc.strerror}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+@cli.command("install-integrations")
+@click.option(
+    "--prefix",
+    default="/",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Install under this directory instead of /.",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be copied; write nothing.")
+def install_integrations_cmd(prefix: str, dry_run: bool) -> None:
+    """Copy the unit, the kexec/kdump drop-ins, the kexec wrapper and the alert rule into place."""
+    from .integrations import install_integrations
+
+    try:
+        pairs = install_integrations(prefix, dry_run=dry_run)
+    except (OSError, RuntimeError) as exc:
+        click.echo(f"tdx-preflight: install-integrations: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    for src, dst in pairs:
+        click.echo(f"{'would copy' if dry_run else 'copied'} {src} -> {dst}")
 
 
 def main() -> None:

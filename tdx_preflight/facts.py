@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 from .host import Host, Problem
@@ -40,6 +41,35 @@ class Ledger(NamedTuple):
     tds_not_destroyed: tuple[str, ...] = ()
 
 
+class TargetKernel(NamedTuple):
+    """The kernel a load names (`kexec -l IMAGE`), read from its bzImage header."""
+
+    image: str
+    release: str | Problem
+    #: boot/config-RELEASE under the root; None when the release could not be read.
+    config: kernel.KernelConfig | Problem | None
+
+
+def read_target(host: Host, image: str) -> TargetKernel:
+    from .readers.bzimage import read_bzimage_release
+
+    path = os.path.abspath(image) if host.live or not image.startswith("/") else image
+    release = read_bzimage_release(host, path.lstrip("/"))
+    config = None
+    if isinstance(release, str):
+        data = host.read_bytes(f"boot/config-{release}", 4 * 1024 * 1024)
+        if isinstance(data, Problem):
+            config = data
+        else:
+            parsed = kernel.parse_config(data, host.display(f"boot/config-{release}"))
+            config = (
+                parsed
+                if isinstance(parsed, Problem)
+                else kernel.KernelConfig(host.display(f"boot/config-{release}"), parsed)
+            )
+    return TargetKernel(path, release, config)
+
+
 class HostFacts(NamedTuple):
     root: str
     live: bool
@@ -62,6 +92,7 @@ class HostFacts(NamedTuple):
     enumeration: kvm.Enumeration
     guests: list[kvm.Guest]
     ledger: Ledger | None = None
+    target: TargetKernel | None = None
 
     @property
     def root_tdx_capacity(self) -> int | Problem:
@@ -171,6 +202,7 @@ def gather(
     load_msr_module: str = "auto",
     ledger: Ledger | None = None,
     full: bool = True,
+    target_image: str | None = None,
 ) -> HostFacts:
     """Read everything the checks need from the host (`full=False`: what guests need)."""
     cpu = cpuinfo.read_cpuinfo(host)
@@ -221,4 +253,5 @@ def gather(
         enumeration=enumeration,
         guests=guests,
         ledger=ledger,
+        target=read_target(host, target_image) if target_image else None,
     )

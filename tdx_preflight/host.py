@@ -196,6 +196,28 @@ class Host:
         finally:
             os.close(fd)
 
+    def read_head(self, rel: str, size: int) -> bytes | Problem:
+        """The first `size` bytes of a file (all of it when shorter): for large files
+        whose format puts what matters at the start (a kernel image's header)."""
+        opened = self._open_read(rel, "a file")
+        if isinstance(opened, Problem):
+            return opened
+        fd = opened[0]
+        try:
+            chunks: list[bytes] = []
+            total = 0
+            while total < size:
+                data = os.read(fd, size - total)
+                if not data:
+                    break
+                chunks.append(data)
+                total += len(data)
+            return b"".join(chunks)
+        except OSError as exc:
+            return problem_from_oserror(self.display(rel), exc)
+        finally:
+            os.close(fd)
+
     def read_text(self, rel: str, limit: int = SMALL) -> str | Problem:
         """The file decoded as UTF-8; bytes that do not decode make it malformed."""
         data = self.read_bytes(rel, limit)

@@ -49,6 +49,8 @@ class Policy(NamedTuple):
     inhibit_shutdown: bool = False
     #: D-Bus address for the inhibitor; None: the system bus.
     inhibit_bus: str | None = None
+    #: node_exporter textfile the daemon rewrites after every refresh; None: off.
+    metrics_file: str | None = None
     source: str | None = None
 
     def is_blocking(self, check_id: str, default: frozenset[str], phase: str) -> bool:
@@ -218,4 +220,5 @@ _SETTINGS = {
     "uevent_rcvbuf": _number(4096, integer=True),
     "inhibit_shutdown": _bool,
     "inhibit_bus": _optional_str,
+    "metrics_file": _path,
 }

@@ -1,6 +1,6 @@
 """The checklist: one module per area, each check declared next to its function."""
 
-from . import guests, kernel, platform, tdx  # noqa: F401  (registration)
+from . import guests, kernel, platform, target, tdx  # noqa: F401  (registration)
 from .base import PHASES, REGISTRY, STATUSES, Check, Outcome
 
 ORDER = (
@@ -14,6 +14,7 @@ ORDER = (
     "guests.teardown",
     "guests.vm",
     "kexec.image",
+    "target.kernel",
     "postkexec.tdx",
 )
 CHECKS: tuple[Check, ...] = tuple(REGISTRY[i] for i in ORDER)

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..facts import HostFacts, gather
 from ..host import Host, Problem
+from ..metrics import write_metrics
 from ..policy import ConfigError, Policy, load
 from ..readers import kvm
 from ..report import Report, evaluate
@@ -326,6 +327,11 @@ class Daemon:
         self.report = self._evaluate("exec")
         self.notifier.status(status_line(self.report, self.ledger))
         await self._update_inhibitor()
+        if self.policy.metrics_file:
+            reports = [self._evaluate(p) for p in ("load", "exec", "crash")]
+            err = await asyncio.to_thread(write_metrics, self.policy.metrics_file, reports)
+            if err:
+                log.warning("metrics: %s", err)
 
     async def _refresher(self) -> None:
         while True:

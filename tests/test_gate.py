@@ -1,0 +1,328 @@
+"""The gate through the installed CLI: hook, exec, target kernel, override, metrics, races."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import kvm_usable, run_cli, statuses
+from daemonproc import DaemonProc, entries
+from hostbuilder import HostSpec, VmProc, build, config_text, qemu_td_cmdline, tdx_host
+
+from tdx_preflight.gate import parse_kexec_args
+
+RELEASE = "6.18.2-1-amd64"
+
+
+def bzimage(version: str, size: int = 64 * 1024) -> bytes:
+    """A minimal x86 bzImage head: boot flag, "HdrS" at 0x202, kernel_version at 0x20E."""
+    data = bytearray(size)
+    data[0x1FE:0x200] = b"\x55\xaa"
+    data[0x202:0x206] = b"HdrS"
+    data[0x206:0x208] = (0x020F).to_bytes(2, "little")
+    where = 0x3000
+    data[0x20E:0x210] = (where - 0x200).to_bytes(2, "little")
+    raw = version.encode() + b"\0"
+    data[where : where + len(raw)] = raw
+    return bytes(data)
+
+
+def gate_root(tmp_path: Path, spec: HostSpec | None = None, **images: bytes) -> Path:
+    spec = spec or tdx_host()
+    for name, data in images.items():
+        spec.extra_files[f"boot/{name}"] = data
+    return build(tmp_path / "root", spec)
+
+
+def hook(root: Path, phase: str, *kexec: str, opts: tuple[str, ...] = ()) -> Any:
+    return run_cli("hook", "--root", str(root), *opts, phase, "--", *kexec)
+
+
+# -- kexec arguments --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "phase", "image"),
+    [
+        (["-l", "/boot/vmlinuz", "--initrd=/boot/initrd.img", "--reuse-cmdline"], "load",
+         "/boot/vmlinuz"),
+        (["-s", "-l", "--initrd", "/boot/initrd.img", "/boot/vmlinuz"], "load", "/boot/vmlinuz"),
+        (["-sl", "/boot/v"], "load", "/boot/v"),
+        (["--load", "/boot/v", "--append", "root=/dev/sda1 ro"], "load", "/boot/v"),
+        (["-p", "/boot/v", "--append=crashkernel"], "crash", "/boot/v"),
+        (["-e"], "exec", None),
+        (["-l", "-t", "bzImage64", "/boot/v"], "load", "/boot/v"),
+        ([], None, None),
+    ],
+)  # fmt: skip
+def test_parse_kexec_args(args: list[str], phase: str | None, image: str | None) -> None:
+    assert parse_kexec_args(args) == (phase, image)
+
+
+# -- hook --------------------------------------------------------------------------------
+
+
+def test_hook_allows_quietly_and_blocks_with_one_line(tmp_path: Path) -> None:
+    ok = hook(gate_root(tmp_path / "a"), "exec")
+    assert (ok.code, ok.stdout, ok.stderr) == (0, "", "")
+    spec = tdx_host(cpu="emerald_rapids", extra_bugs=["tdx_pw_mce"])
+    run = hook(gate_root(tmp_path / "b", spec), "load", "-l", "/boot/vmlinuz")
+    assert run.code == 1 and run.stdout == ""
+    [line] = run.stderr.strip().splitlines()
+    assert "blocked" in line and "errata.tdx_pw_mce" in line and "fix:" in line
+
+
+def test_hook_format_json_and_exit_3_on_unknown(tmp_path: Path) -> None:
+    spec = tdx_host(release="6.17.0-1012-intel", kallsyms=None)
+    spec.extra_files["proc/kallsyms/x"] = ""
+    run = hook(gate_root(tmp_path, spec), "exec", opts=("--format", "json"))
+    assert run.code == 3 and run.json()["exit_code"] == 3
+    assert "kernel.cache_flush unknown" in run.stderr
+
+
+def test_target_kernel_without_tdx_support_warns(tmp_path: Path) -> None:
+    spec = tdx_host()
+    spec.extra_files["boot/config-6.19.0-1-amd64"] = config_text(
+        "6.19.0-1-amd64", {"CONFIG_KEXEC_CORE": "y", "CONFIG_INTEL_TDX_HOST": "n"}
+    )
+    root = gate_root(
+        tmp_path,
+        spec,
+        **{
+            "vmlinuz-6.19.0-1-amd64": bzimage(
+                "6.19.0-1-amd64 (debian-kernel@lists.debian.org) #1 SMP PREEMPT_DYNAMIC Debian"
+            )
+        },
+    )
+    run = hook(
+        root,
+        "load",
+        "-l",
+        "/boot/vmlinuz-6.19.0-1-amd64",
+        "--reuse-cmdline",
+        opts=("--format", "json"),
+    )
+    report = run.json()
+    target = next(c for c in report["checks"] if c["id"] == "target.kernel")
+    assert target["status"] == "warn" and "6.19.0-1-amd64" in target["summary"]
+    assert target["evidence"]["release"] == "6.19.0-1-amd64"
+    assert run.code == 0  # advisory: a warning does not block
+
+
+def test_target_kernel_with_tdx_support_passes(tmp_path: Path) -> None:
+    root = gate_root(tmp_path, None, **{f"vmlinuz-{RELEASE}": bzimage(f"{RELEASE} (x) #1 SMP")})
+    run = hook(root, "load", "-l", f"/boot/vmlinuz-{RELEASE}", opts=("--format", "json"))
+    assert statuses(run.json())["target.kernel"] == "pass" and run.code == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "words"),
+    [
+        ("not-a-kernel", b"#!/bin/sh\necho hi\n" * 100, "not a bzImage"),
+        ("empty", b"", "not a bzImage"),
+        ("missing", None, "does not exist"),
+        ("odd name $(touch pwned) ;`x`\nline", b"junk", "not a bzImage"),
+    ],
+)
+def test_unreadable_targets_are_unknown_and_advisory(
+    tmp_path: Path, name: str, data: bytes | None, words: str
+) -> None:
+    images = {name: data} if data is not None else {}
+    root = gate_root(tmp_path, None, **images)
+    run = hook(root, "load", "-l", f"/boot/{name}", opts=("--format", "json"))
+    target = next(c for c in run.json()["checks"] if c["id"] == "target.kernel")
+    assert target["status"] == "unknown" and words in target["summary"]
+    assert run.code == 0
+    assert not (Path.cwd() / "pwned").exists() and not (root / "pwned").exists()
+
+
+def test_huge_sparse_image_is_read_bounded(tmp_path: Path) -> None:
+    root = gate_root(tmp_path)
+    image = root / "boot/vmlinuz-huge"
+    image.write_bytes(bzimage(f"{RELEASE} (x)"))
+    with open(image, "r+b") as f:
+        f.truncate(1 << 30)
+    start = time.monotonic()
+    run = hook(root, "load", "-l", "/boot/vmlinuz-huge", opts=("--format", "json"))
+    assert time.monotonic() - start < 10
+    assert statuses(run.json())["target.kernel"] == "pass"
+
+
+# -- exec -------------------------------------------------------------------------------
+
+
+def test_exec_runs_the_command_only_on_allow(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    prog = f"import sys; open({str(marker)!r}, 'w').write('x'); sys.exit(7)"
+    ok = run_cli("exec", "--root", str(gate_root(tmp_path / "a")), "--", sys.executable, "-c", prog)
+    assert ok.code == 7 and marker.exists()  # exit 7: the command replaced the checker
+    marker.unlink()
+    spec = tdx_host(
+        processes=[VmProc(pid=4242, cmdline=qemu_td_cmdline("td1"), misc_tdx=1)],
+        misc_current={"tdx": 1},
+    )
+    blocked = run_cli(
+        "exec", "--root", str(gate_root(tmp_path / "b", spec)), "--", sys.executable, "-c", prog
+    )
+    assert blocked.code == 1 and not marker.exists()
+    assert "guests.td" in blocked.stdout and "verdict: BLOCK" in blocked.stdout
+
+
+def test_exec_usage_errors_and_phase_from_kexec_args(tmp_path: Path) -> None:
+    assert run_cli("exec").code == 2
+    assert (
+        run_cli("exec", "--root", str(gate_root(tmp_path / "a")), "--", "/nonexistent/kexec-e").code
+        == 2
+    )
+    spec = tdx_host(cpu="sapphire_rapids", extra_bugs=["tdx_pw_mce"])
+    run = run_cli(
+        "exec",
+        "--root",
+        str(gate_root(tmp_path / "b", spec)),
+        "--format",
+        "json",
+        "--",
+        "kexec",
+        "-p",
+        "/boot/vmlinuz",
+    )
+    assert run.code == 1 and run.json()["phase"] == "crash"
+
+
+# -- override ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the override needs root")
+def test_override_needs_root_and_a_reason_and_is_recorded(tmp_path: Path) -> None:
+    spec = tdx_host(cpu="emerald_rapids", extra_bugs=["tdx_pw_mce"])
+    root = gate_root(tmp_path, spec)
+    assert hook(root, "exec", opts=("--force",)).code == 2
+    assert hook(root, "exec", opts=("--force", "--reason", "  ")).code == 2
+    assert hook(root, "exec", opts=("--reason", "x")).code == 2
+    run = hook(
+        root, "exec", opts=("--force", "--reason", "firmware update window", "--format", "json")
+    )
+    assert run.code == 0
+    report = run.json()
+    assert report["verdict"] == "block" and report["exit_code"] == 1  # still computed
+    assert report["overridden"]["reason"] == "firmware update window"
+    assert "uid 0" in report["overridden"]["by"]
+    assert "OVERRIDDEN" in run.stderr and "errata.tdx_pw_mce" in run.stderr
+    # Not root: refused with exit 2 before any work. The CLI runs in a process that
+    # drops to nobody after importing (the interpreter may live where nobody can read).
+    code = (
+        "import os, sys; import tdx_preflight.cli as cli, tdx_preflight.gate;"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534);"
+        f"sys.argv = ['tdx-preflight', 'hook', '--root', {str(root)!r}, '--force',"
+        " '--reason', 'x', 'exec']; cli.main()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "needs root" in proc.stderr, proc.stderr
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+
+def _metrics(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(path.read_text()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_file_never_changes_the_exit_code(tmp_path: Path) -> None:
+    spec = tdx_host(
+        processes=[VmProc(pid=4242, cmdline=qemu_td_cmdline("td1"), misc_tdx=1)],
+        misc_current={"tdx": 1},
+    )
+    root = gate_root(tmp_path, spec)
+    prom = tmp_path / "tdx_preflight.prom"
+    run = run_cli("check", "--root", str(root), "--metrics-file", str(prom))
+    assert run.code == 1
+    m = _metrics(prom)
+    assert m[("tdx_preflight_kexec_allowed", (("phase", "exec"),))] == 0
+    assert m[("tdx_preflight_check_status", (("check", "guests.td"), ("status", "fail")))] == 1
+    assert m[("tdx_preflight_check_status", (("check", "guests.td"), ("status", "pass")))] == 0
+    assert m[("tdx_preflight_td_guests", ())] == 1 and m[("tdx_preflight_kvm_vms", ())] == 1
+    info = [k for k in m if k[0] == "tdx_preflight_info"]
+    assert (
+        info
+        and ("kernel", RELEASE) in info[0][1]
+        and ("tdx_module_version", "1.5.08") in info[0][1]
+    )
+    assert time.time() - m[("tdx_preflight_last_check_timestamp_seconds", ())] < 60
+    assert oct(prom.stat().st_mode & 0o777) == "0o644"
+    bad = run_cli("check", "--root", str(root), "--metrics-file", str(tmp_path / "no/dir/x.prom"))
+    assert bad.code == 1 and "warning" in bad.stderr
+
+
+def test_daemon_writes_metrics_for_every_phase(tmp_path: Path) -> None:
+    root = gate_root(tmp_path)
+    prom = tmp_path / "d.prom"
+    d = DaemonProc(root=str(root), metrics_file=str(prom))
+    try:
+        deadline = time.monotonic() + 10
+        while not prom.exists():
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.05)
+        m = _metrics(prom)
+        assert {k[1][0][1] for k in m if k[0] == "tdx_preflight_kexec_allowed"} == {
+            "load",
+            "exec",
+            "crash",
+        }
+    finally:
+        d.cleanup()
+
+
+# -- races: a VM started after the daemon last reported -------------------------------------
+
+
+@pytest.mark.skipif(kvm_usable() is not None, reason=str(kvm_usable()))
+def test_hook_catches_a_vm_started_after_the_daemon_reported(kvm_holder, tmp_path: Path) -> None:
+    d = DaemonProc(blocking={"guests.vm": ["exec"]})
+    try:
+        before = d.status()
+        assert before["verdict"] == "allow"
+        d.signal(signal.SIGSTOP)  # the daemon cannot have seen what follows
+        vm = kvm_holder("-accel", "kvm", "-name", "guest=late,debug-threads=on")
+        run = run_cli("hook", "--config", str(d.config_path), "exec")
+        assert run.code == 1 and "guests.vm" in run.stderr
+        d.signal(signal.SIGCONT)
+        assert entries(d.wait_for(lambda s: entries(s, vm.pid)), vm.pid)
+    finally:
+        d.signal(signal.SIGCONT)
+        d.cleanup()
+
+
+def test_hook_catches_a_td_the_daemon_has_not_seen(tmp_path: Path) -> None:
+    root = gate_root(tmp_path)
+    d = DaemonProc(root=str(root))
+    try:
+        assert d.status()["verdict"] == "allow"
+        d.signal(signal.SIGSTOP)  # the daemon cannot see what follows
+        # A TD appears in the fixture; no event, no reconcile: the daemon does not know.
+        late = build(
+            tmp_path / "late",
+            tdx_host(
+                processes=[VmProc(pid=4242, cmdline=qemu_td_cmdline("td1"), misc_tdx=1)],
+                misc_current={"tdx": 1},
+            ),
+        )
+        for rel in ("sys/kernel/debug/kvm/4242-12", "proc/4242"):
+            os.rename(late / rel, root / rel)
+        (root / "sys/fs/cgroup/misc.current").write_text("tdx 1\n")
+        run = run_cli("hook", "--root", str(root), "--config", str(d.config_path), "exec")
+        assert run.code == 1 and "guests.td" in run.stderr
+    finally:
+        d.signal(signal.SIGCONT)
+        d.cleanup()
