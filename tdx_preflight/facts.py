@@ -193,6 +193,12 @@ def module_state(
         sources["kvm_intel tdx"] = "N"
     if state == "unknown" and failed:
         state = "failed"
+    if (
+        state == "unknown"
+        and isinstance(firmware, tdx.FirmwareTdx)
+        and firmware.status in ("none", "loaded", "shutdown")
+    ):
+        state = "not initialized"
     return TdxModule(state, ver, sources)
 
 

@@ -331,6 +331,18 @@ def test_older_log_spelling_and_firmware_sysfs(tmp_path: Path) -> None:
     assert report["host"]["tdx_module"]["state"] == "initialized"
 
 
+def test_module_loaded_but_not_initialized_warns(tmp_path: Path) -> None:
+    spec = tdx_host(
+        kvm_intel_tdx=None,
+        tdx_host_version=None,
+        firmware_tdx={"status": "loaded"},
+        kmsg=["virt/tdx: BIOS enabled: private KeyID range [64, 128)"],
+    )
+    report, st = check(tmp_path, spec)
+    assert st["tdx.module"] == "warn" and report["host"]["tdx_module"]["state"] == "not initialized"
+    assert st["postkexec.tdx"] == "pass"
+
+
 def test_module_initialization_failure_warns(tmp_path: Path) -> None:
     spec = tdx_host(
         kvm_intel_tdx="N",

@@ -64,6 +64,14 @@ def tdx_module(facts: HostFacts, phase: str) -> Outcome:
             evidence,
             "Fix the cause the kernel log names, then reboot (cold) to retry.",
         )
+    if mod.state == "not initialized":
+        said = mod.sources.get("firmware tdx_module status", "?")
+        return Outcome(
+            "warn",
+            f"TDX is in use but the TDX module is not initialized (status: {said})",
+            evidence,
+            "Look at the kernel log (dmesg | grep -i tdx) for why the module was not brought up.",
+        )
     remedy = "Run as root so the kernel log and sysfs can be read."
     if isinstance(log, Problem) and log.kind == "permission":
         remedy = problem_remedy("permission", "/dev/kmsg")
