@@ -15,9 +15,9 @@ from .report import EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_USAGE
 
 _common_root = click.option(
     "--root",
-    type=click.Path(file_okay=False),
+    type=click.Path(),
     default=None,
-    help="Host root to read (default /, or the config's root).",
+    help="Host root to read: a directory or a snapshot .tar.gz (default /, or the config's root).",
 )
 _common_config = click.option(
     "--config",
@@ -53,6 +53,15 @@ def _setup(root: str | None, config_path: str | None) -> tuple[Any, Any]:
     host_root = root or policy.root or "/"
     import os
 
+    if host_root.endswith((".tar.gz", ".tgz")) and os.path.isfile(host_root):
+        from .snapshot import SnapshotError, extract_snapshot
+
+        try:
+            # Removed at exit; `exec`-style commands that replace the process leave it behind.
+            host_root = extract_snapshot(host_root)
+        except SnapshotError as exc:
+            click.echo(f"tdx-preflight: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
     if not os.path.isdir(host_root):
         click.echo(f"tdx-preflight: root {host_root} is not a directory", err=True)
         sys.exit(EXIT_USAGE)
@@ -463,6 +472,47 @@ def install_integrations_cmd(prefix: str, dry_run: bool) -> None:
         sys.exit(EXIT_USAGE)
     for src, dst in pairs:
         click.echo(f"{'would copy' if dry_run else 'copied'} {src} -> {dst}")
+
+
+@cli.command()
+@common
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option(
+    "--keep-cmdlines",
+    is_flag=True,
+    help="Keep VM command lines and libvirt XML whole (default: only what classifies a VM).",
+)
+def snapshot(root: str | None, config_path: str | None, output: str, keep_cmdlines: bool) -> None:
+    """Capture what the checks read into OUTPUT.tar.gz, a host root `check --root` replays.
+
+    Prints one line (path, files, verdict) and exits 0; 2 on a usage error.
+    """
+    from .daemon.client import daemon_ledger
+    from .snapshot import SnapshotError, take_snapshot
+
+    host, policy = _setup(root, config_path)
+    host.close()
+    d = daemon_ledger(policy.control_socket, host.root)
+    try:
+        result = take_snapshot(
+            host.root,
+            policy,
+            output,
+            keep_cmdlines=keep_cmdlines,
+            source=root or policy.root or "/",
+            ledger=d.ledger,
+            ledger_info=d.info,
+        )
+    except SnapshotError as exc:
+        click.echo(f"tdx-preflight: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(result.summary())
+    if result.differences:
+        click.echo(
+            "tdx-preflight: warning: a replay of this snapshot differs from this host; "
+            "SNAPSHOT.json lists the reads a tree cannot reproduce (as root there are fewer)",
+            err=True,
+        )
 
 
 def main() -> None:
