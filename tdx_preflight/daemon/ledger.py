@@ -210,9 +210,20 @@ class VmLedger:
 
         A VM once seen as a TD stays one: the evidence for it only grows.
         """
+        by_tid = {(e.tid, e.vm_fd): e for e in self.live if e.tid is not None}
+        by_pid = {(e.pid, e.vm_fd): e for e in self.live if e.pid is not None}
         changed = False
         for g in guests:
-            e = self._match(self.live, VmHandle(g.tid, g.vm_fd, g.pid, ""))
+            e = by_tid.get((g.tid, g.vm_fd)) if g.tid is not None else None
+            e = (
+                e
+                or by_pid.get((g.pid, g.vm_fd))
+                or (
+                    self._match(self.live, VmHandle(g.tid, g.vm_fd, g.pid, ""))
+                    if g.tid is None
+                    else None
+                )
+            )
             if e is None:
                 continue
             if e.kind != "td" and g.kind != e.kind:

@@ -31,8 +31,10 @@ from .uevents import KvmEvent, Overflow, UeventSource
 
 log = logging.getLogger("tdx_preflight.daemon")
 
-#: Wait this long after a change before refreshing, so a burst costs one refresh.
+#: Refresh (and rewrite state.json) once changes have paused this long, so a burst
+#: costs one refresh; but never later than MAX_DELAY after the first change.
 DEBOUNCE = 0.05
+MAX_DELAY = 0.5
 #: Reconciles closer together than this are merged.
 RECONCILE_SPACING = 0.2
 #: After a TD is destroyed, re-read misc.current at these delays to confirm teardown.
@@ -84,6 +86,9 @@ class Daemon:
         self._inhibitor: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._boot_id: str | None = None
+        #: Bumped on every change; status replies reuse the report of the same version.
+        self._version = 0
+        self._status_cache: tuple[int, Report | None] = (-1, None)
         from .notify import Notifier
 
         self.notifier = Notifier()
@@ -231,6 +236,7 @@ class Daemon:
             entry.kind = "vm" if tdx_state == "no" else "unknown"
 
     def _changed(self) -> None:
+        self._version += 1
         self._refresh_wanted.set()
         self._state_wanted.set()
 
@@ -324,7 +330,8 @@ class Daemon:
         for e in self.ledger.confirm_teardowns(facts.root_tdx_current):
             log.info("TD teardown confirmed: %s", e.label())
         self.facts = facts
-        self.report = self._evaluate("exec")
+        self._version += 1
+        self.report = self._current()
         self.notifier.status(status_line(self.report, self.ledger))
         await self._update_inhibitor()
         if self.policy.metrics_file:
@@ -333,11 +340,22 @@ class Daemon:
             if err:
                 log.warning("metrics: %s", err)
 
+    @staticmethod
+    async def _quiet(wanted: asyncio.Event, pause: float) -> None:
+        """Wait for a change, then until changes pause (bounded by MAX_DELAY)."""
+        await wanted.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_DELAY
+        while True:
+            wanted.clear()
+            await asyncio.sleep(pause)
+            if not wanted.is_set() or loop.time() >= deadline:
+                wanted.clear()
+                return
+
     async def _refresher(self) -> None:
         while True:
-            await self._refresh_wanted.wait()
-            await asyncio.sleep(DEBOUNCE)
-            self._refresh_wanted.clear()
+            await self._quiet(self._refresh_wanted, DEBOUNCE)
             try:
                 await self.refresh()
             except Exception:
@@ -382,7 +400,7 @@ class Daemon:
     # -- state file ------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        report = self._evaluate("exec") if self.facts else None
+        report = self._current()
         return {
             "schema": SCHEMA,
             "boot_id": self._boot_id,
@@ -402,9 +420,7 @@ class Daemon:
 
     async def _state_writer(self) -> None:
         while True:
-            await self._state_wanted.wait()
-            await asyncio.sleep(DEBOUNCE / 2)
-            self._state_wanted.clear()
+            await self._quiet(self._state_wanted, DEBOUNCE / 2)
             self._write_state()
 
     # -- watchdog ----------------------------------------------------------------------------
@@ -417,8 +433,16 @@ class Daemon:
 
     # -- control requests ---------------------------------------------------------------------
 
+    def _current(self) -> Report | None:
+        """The exec report for the ledger as it is now, evaluated once per change."""
+        if self.facts is None:
+            return None
+        if self._status_cache[0] != self._version:
+            self._status_cache = (self._version, self._evaluate("exec"))
+        return self._status_cache[1]
+
     def status(self, report: Report | None = None) -> dict[str, Any]:
-        report = report or (self._evaluate("exec") if self.facts else None)
+        report = report or self._current()
         live = self.ledger.live
         return {
             "daemon_pid": os.getpid(),

@@ -20,9 +20,10 @@ def write_atomic(path: str, data: dict[str, Any], mode: int = 0o644) -> None:
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
     try:
+        # One json.dumps: json.dump streams through the pure-Python encoder, 4x slower.
+        text = json.dumps(data, separators=(",", ":"), default=str) + "\n"
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, separators=(",", ":"), default=str)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fchmod(f.fileno(), mode)
         os.replace(tmp, path)
