@@ -472,6 +472,19 @@ def install_integrations_cmd(prefix: str, dry_run: bool) -> None:
         sys.exit(EXIT_USAGE)
     for src, dst in pairs:
         click.echo(f"{'would copy' if dry_run else 'copied'} {src} -> {dst}")
+    # Every unit and drop-in calls /usr/local/bin/tdx-preflight: point it at this install.
+    import os
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "tdx-preflight"
+    link = Path(prefix) / "usr/local/bin/tdx-preflight"
+    if os.path.lexists(link):
+        click.echo(f"kept {link} (already there)")
+    elif script.exists():
+        if not dry_run:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(script)
+        click.echo(f"{'would link' if dry_run else 'linked'} {link} -> {script}")
 
 
 @cli.command()

@@ -79,3 +79,16 @@ def test_verbose_check_shows_evidence(tmp_path: Path) -> None:
     root = build(tmp_path / "root", tdx_host())
     run = run_cli("check", "--root", str(root), "-v")
     assert run.code == 0 and "evidence:" in run.stdout and "1.5.08" in run.stdout
+
+
+def test_install_integrations_into_a_prefix(tmp_path: Path) -> None:
+    dry = run_cli("install-integrations", "--dry-run", "--prefix", str(tmp_path))
+    assert dry.code == 0 and "would copy" in dry.stdout and not any(tmp_path.iterdir())
+    run = run_cli("install-integrations", "--prefix", str(tmp_path))
+    assert run.code == 0
+    assert (tmp_path / "etc/systemd/system/tdx-preflight.service").is_file()
+    assert (tmp_path / "etc/systemd/system/kexec-load.service.d/tdx-preflight.conf").is_file()
+    link = tmp_path / "usr/local/bin/tdx-preflight"
+    assert link.is_symlink() and link.resolve().exists()
+    again = run_cli("install-integrations", "--prefix", str(tmp_path))
+    assert again.code == 0 and "kept" in again.stdout

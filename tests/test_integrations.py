@@ -1,0 +1,898 @@
+"""The integrations around the gate: drop-ins, the kexec wrapper, kured, Prometheus, the installer.
+
+The drop-ins are verified by the real `systemd-analyze verify` beside stand-ins of the units
+they extend (Debian's kexec-load.service is made by the real systemd-sysv-generator); their
+shell guards, the wrapper and kured's reboot command run for real under /bin/sh with recording
+fakes of tdx-preflight, kexec and systemctl; the alert rules are parsed, and checked and
+unit-tested by promtool where it is installed; the installer writes into a temporary prefix.
+The agent's own unit is verified in test_systemd.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import console_script
+
+from tdx_preflight.integrations import (
+    SHIPPED,
+    IntegrationFilesMissing,
+    install_integrations,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+WRAPPER = REPO / "config" / "kexec-wrapper.sh"
+RULES = REPO / "config" / "prometheus" / "tdx-preflight-rules.yaml"
+KURED = REPO / "config" / "kured" / "kured-daemonset-patch.yaml"
+INSTALLED_AT = "/usr/local/bin/tdx-preflight"
+
+METRICS = {
+    "tdx_preflight_kexec_allowed",
+    "tdx_preflight_check_status",
+    "tdx_preflight_td_guests",
+    "tdx_preflight_kvm_vms",
+    "tdx_preflight_info",
+    "tdx_preflight_last_check_timestamp_seconds",
+}
+
+
+def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    kwargs.setdefault("env", os.environ.copy())
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        **kwargs,
+    )
+
+
+# --- recording fakes ------------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+class Fakes:
+    """Executables in a bin/ directory that record every call (argv exact, NUL-separated)."""
+
+    def __init__(self, root: Path) -> None:
+        self.bin = root / "bin"
+        self.log = root / "calls"
+        self.bin.mkdir()
+        self.log.mkdir()
+
+    def add(self, name: str, body: str = "") -> Path:
+        """A fake NAME: records its argv and SYSTEMCTL_SKIP_AUTO_KEXEC, then runs `body`."""
+        path = self.bin / name
+        path.write_text(
+            "#!/bin/sh\n"
+            f"log={shlex.quote(str(self.log))}\n"
+            'n=$(( $(ls "$log" | wc -l) ))\n'
+            f'printf "%s\\0" {shlex.quote(name)} "${{SYSTEMCTL_SKIP_AUTO_KEXEC-}}" "$@" '
+            '> "$log/$(printf %06d "$n")"\n' + body + "\n"
+        )
+        path.chmod(0o755)
+        return path
+
+    def calls(self) -> list[Call]:
+        found = []
+        for record in sorted(self.log.iterdir()):
+            name, skip, *argv = record.read_bytes().decode().split("\0")[:-1]
+            found.append(Call(name, argv, {"SYSTEMCTL_SKIP_AUTO_KEXEC": skip}))
+        return found
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEXEC_GATED_")}
+        env.pop("SYSTEMCTL_SKIP_AUTO_KEXEC", None)
+        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        env.update(extra)
+        return env
+
+
+# A fake tdx-preflight: `hook` and `exec` exit with $FAKE_RC (default 0); on 0, `exec` runs the
+# command after `--` as the real one does. It also prints on stdout, which the wrapper must keep
+# off kexec's stdout.
+PREFLIGHT_BODY = textwrap.dedent(
+    """\
+    echo "preflight says hello"
+    rc=${FAKE_RC:-0}
+    [ "$rc" -eq 0 ] || exit "$rc"
+    if [ "$1" = exec ]; then
+        while [ "$#" -gt 0 ] && [ "$1" != -- ]; do shift; done
+        shift
+        exec "$@"
+    fi
+    exit 0
+    """
+)
+
+
+@pytest.fixture
+def fakes(tmp_path: Path) -> Fakes:
+    made = Fakes(tmp_path)
+    made.add("tdx-preflight", PREFLIGHT_BODY)
+    made.add("kexec", 'echo "kexec output"\nexit ${FAKE_KEXEC_RC:-0}')
+    return made
+
+
+# --- drop-ins: systemd-analyze verify -------------------------------------------------------
+
+
+def _systemd_tool(name: str) -> str:
+    for candidate in (shutil.which(name), f"/lib/systemd/{name}", f"/usr/lib/systemd/{name}"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.skip(f"{name} is not installed (no systemd on this machine)")
+
+
+def _drop_in_text(name: str, preflight: str) -> str:
+    text = (REPO / "systemd" / f"{name}.d" / "tdx-preflight.conf").read_text()
+    assert INSTALLED_AT in text
+    return text.replace(INSTALLED_AT, preflight)
+
+
+# Stand-ins for the units the drop-ins extend: the packaged units' settings, with binaries that
+# exist here. kexec-load.service comes from systemd-sysv-generator, as on Debian 12.
+KDUMP_TOOLS_UNIT = """\
+[Unit]
+Description=Kernel crash dump capture service (stand-in for Debian kdump-tools 1:1.8.1)
+DefaultDependencies=no
+After=local-fs.target
+After=networking.service
+Before=basic.target
+
+[Service]
+Type=oneshot
+StandardOutput=journal+console
+EnvironmentFile=-/etc/default/kdump-tools
+ExecStart=/bin/true
+ExecStop=/bin/true
+RemainAfterExit=yes
+
+[Install]
+WantedBy=basic.target
+"""
+
+KDUMP_UTILS_UNIT = """\
+[Unit]
+Description=Crash recovery kernel arming (stand-in for kdump-utils)
+After=network.target
+
+[Service]
+Type=oneshot
+ExecStart=/bin/true
+ExecStop=/bin/true
+RemainAfterExit=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# The LSB header Debian's /etc/init.d/kexec-load carries, on a script that does nothing.
+KEXEC_LOAD_INIT = """\
+#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          kexec-load
+# Required-Start:    $local_fs $remote_fs kexec
+# Required-Stop:     $local_fs $remote_fs kexec
+# Default-Start:     2 3 4 5
+# Default-Stop:      6
+# Short-Description: Load kernel image with kexec (stand-in)
+### END INIT INFO
+exit 0
+"""
+
+
+def _kexec_load_unit(work: Path) -> str:
+    """kexec-load.service as systemd-sysv-generator makes it from the init script."""
+    init_d, rc_d, out = work / "init.d", work / "rc", work / "generated"
+    for directory in (init_d, rc_d / "rc2.d", out):
+        directory.mkdir(parents=True)
+    script = init_d / "kexec-load"
+    script.write_text(KEXEC_LOAD_INIT)
+    script.chmod(0o755)
+    (rc_d / "rc2.d" / "S01kexec-load").symlink_to(script)
+    generator = _systemd_tool("system-generators/systemd-sysv-generator")
+    env = {
+        **os.environ,
+        "SYSTEMD_SYSVINIT_PATH": str(init_d),
+        "SYSTEMD_SYSVRCND_PATH": str(rc_d),
+        "SYSTEMD_LOG_LEVEL": "err",
+    }
+    run = _run([generator, str(out), str(out), str(out)], env=env)
+    assert run.returncode == 0, run.stderr
+    unit = (out / "kexec-load.service").read_text()
+    # The shape the drop-in's header describes.
+    for line in ("Type=forking", "RemainAfterExit=yes", f"ExecStart={script} start"):
+        assert line in unit.splitlines(), unit
+    return unit
+
+
+DROP_INS = ["kexec-load.service", "kdump-tools.service", "kdump.service"]
+
+
+def _unit_with_drop_in(tmp_path: Path, name: str, drop_in: str | None = None) -> Path:
+    units = tmp_path / "units"
+    (units / f"{name}.d").mkdir(parents=True)
+    if name == "kexec-load.service":
+        text = _kexec_load_unit(tmp_path / "sysv")
+    else:
+        text = KDUMP_TOOLS_UNIT if name == "kdump-tools.service" else KDUMP_UTILS_UNIT
+    (units / name).write_text(text)
+    conf = units / f"{name}.d" / "tdx-preflight.conf"
+    conf.write_text(drop_in if drop_in is not None else _drop_in_text(name, console_script()))
+    return units / name
+
+
+def _verify(unit: Path) -> tuple[int, list[str]]:
+    analyze = _systemd_tool("systemd-analyze")
+    env = {**os.environ, "SYSTEMD_PAGER": "cat", "SYSTEMD_COLORS": "0", "LC_ALL": "C.UTF-8"}
+    run = _run([analyze, "verify", "--man=no", str(unit)], env=env)
+    lines = (run.stdout + run.stderr).splitlines()
+    return run.returncode, [line for line in lines if unit.name in line or "tdx-preflight" in line]
+
+
+@pytest.mark.parametrize("name", DROP_INS)
+def test_drop_in_verifies(tmp_path: Path, name: str) -> None:
+    code, complaints = _verify(_unit_with_drop_in(tmp_path, name))
+    assert code == 0, complaints
+    assert complaints == []
+
+
+def test_verify_reads_the_drop_in(tmp_path: Path) -> None:
+    # Guards the test above: a typo in a drop-in must show up, naming the drop-in.
+    text = _drop_in_text("kdump.service", console_script()) + "ExecStartPree=/bin/true\n"
+    _code, complaints = _verify(_unit_with_drop_in(tmp_path, "kdump.service", text))
+    assert any("ExecStartPree" in line and "tdx-preflight.conf" in line for line in complaints)
+
+
+def _exec_start_pre(name: str) -> list[str]:
+    """The drop-in's ExecStartPre= lines as argv lists, after systemd's own unescaping."""
+    text = (REPO / "systemd" / f"{name}.d" / "tdx-preflight.conf").read_text()
+    values = re.findall(r"^ExecStartPre=(.+)$", text, flags=re.MULTILINE)
+    assert len(values) == 1, values
+    # The lines use no %-specifiers and no backslashes, so quoting is the shell's and "$$" is "$".
+    assert "%" not in values[0] and "\\" not in values[0]
+    return shlex.split(values[0].replace("$$", "$"))
+
+
+@pytest.mark.parametrize(
+    ("name", "phase"),
+    [("kexec-load.service", "load"), ("kdump-tools.service", "crash"), ("kdump.service", "crash")],
+)
+def test_drop_in_runs_the_hook(name: str, phase: str) -> None:
+    # verify only checks ExecStart= and ExecStop= binaries; ExecStartPre= is checked here.
+    argv = _exec_start_pre(name)
+    if argv[:2] == ["/bin/sh", "-c"]:
+        assert len(argv) == 3
+        assert os.access("/bin/sh", os.X_OK)
+        syntax = _run(["/bin/sh", "-n", "-c", argv[2]])
+        assert syntax.returncode == 0, syntax.stderr
+        assert argv[2].endswith(f"; exec {INSTALLED_AT} hook {phase}")
+    else:
+        assert argv == [INSTALLED_AT, "hook", phase]
+
+
+def _guard(name: str, fakes: Fakes) -> list[str]:
+    argv = _exec_start_pre(name)
+    return [*argv[:2], argv[2].replace(INSTALLED_AT, str(fakes.bin / "tdx-preflight"))]
+
+
+@pytest.mark.parametrize(
+    ("env", "hook_runs"),
+    [({"USE_KDUMP": "1"}, True), ({"USE_KDUMP": "0"}, False), ({}, False)],
+)
+@pytest.mark.parametrize("hook_rc", [0, 1, 3])
+def test_kdump_tools_guard(
+    fakes: Fakes, env: dict[str, str], hook_runs: bool, hook_rc: int
+) -> None:
+    if Path("/etc/default/kdump-tools").exists():
+        pytest.skip("/etc/default/kdump-tools exists here and would decide instead of the test")
+    if Path("/proc/vmcore").exists() and Path("/proc/vmcore").stat().st_size:
+        pytest.skip("this is a crash kernel")
+    clean = fakes.env(FAKE_RC=str(hook_rc))
+    clean.pop("USE_KDUMP", None)
+    run = _run(_guard("kdump-tools.service", fakes), env={**clean, **env})
+    calls = fakes.calls()
+    if hook_runs:
+        assert [c.argv for c in calls] == [["hook", "crash"]]
+        assert run.returncode == hook_rc
+    else:
+        assert calls == [] and run.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("load_kexec", "hook_runs"), [("true", True), ("false", False), (None, False)]
+)
+def test_kexec_load_guard(fakes: Fakes, load_kexec: str | None, hook_runs: bool) -> None:
+    if Path("/etc/default/kexec").exists() or Path("/etc/default/kexec.d").exists():
+        pytest.skip("/etc/default/kexec exists here and would decide instead of the test")
+    env = fakes.env(FAKE_RC="1")
+    env.pop("LOAD_KEXEC", None)
+    if load_kexec is not None:
+        env["LOAD_KEXEC"] = load_kexec
+    run = _run(_guard("kexec-load.service", fakes), env=env)
+    if hook_runs:
+        assert [c.argv for c in fakes.calls()] == [["hook", "load"]]
+        assert run.returncode == 1
+    else:
+        assert fakes.calls() == [] and run.returncode == 0
+
+
+# --- the kexec wrapper ----------------------------------------------------------------------
+
+
+def test_wrapper_is_posix_sh() -> None:
+    run = _run(["/bin/sh", "-n", str(WRAPPER)])
+    assert run.returncode == 0, run.stderr
+    assert WRAPPER.read_text().startswith("#!/bin/sh\n")
+    assert not re.search(r"^\s*eval\b|\beval ", WRAPPER.read_text(), flags=re.MULTILINE)
+
+
+def test_wrapper_passes_shellcheck() -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    run = _run([shellcheck, "--shell=sh", str(WRAPPER)])
+    assert run.returncode == 0, run.stdout
+
+
+def _wrap(fakes: Fakes, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    defaults = {
+        "KEXEC_GATED_PREFLIGHT": str(fakes.bin / "tdx-preflight"),
+        "KEXEC_GATED_KEXEC": str(fakes.bin / "kexec"),
+    }
+    environment = fakes.env(**{**defaults, **env})
+    return _run(["/bin/sh", str(WRAPPER), *args], env=environment)
+
+
+@pytest.mark.parametrize(
+    ("args", "phases"),
+    [
+        (["-l", "/boot/vmlinuz", "--initrd=/boot/initrd.img", "--reuse-cmdline"], ["load"]),
+        (["--load", "/boot/vmlinuz"], ["load"]),
+        (["-s", "-l", "/boot/vmlinuz"], ["load"]),
+        # What systemctl kexec (systemd 252) runs when no kernel is loaded.
+        (["--load", "/boot/vmlinuz", "--append", "root=/dev/sda1 ro", "--initrd", "/i"], ["load"]),
+        (["-e"], ["exec"]),
+        (["--exec"], ["exec"]),
+        (["--exe"], ["exec"]),  # getopt_long takes an unambiguous prefix
+        (["-f", "/boot/vmlinuz"], ["exec"]),
+        (["-p", "/boot/vmlinuz"], ["crash"]),
+        (["--load-panic", "/boot/vmlinuz"], ["crash"]),
+        # kdump-tools' kdump-config: `kexec -p -s ...`; -s picks the syscall, not the phase.
+        (["-p", "-s", "--command-line=root=/dev/sda1", "/var/lib/kdump/vmlinuz"], ["crash"]),
+        (["-ps", "/var/lib/kdump/vmlinuz"], ["crash"]),
+        # No action option: kexec loads, then runs shutdown(8), whose scripts run kexec -e.
+        (["/boot/vmlinuz"], ["exec"]),
+        (["-s", "/boot/vmlinuz"], ["exec"]),
+        # Two actions, or an option value that looks like one: both checked.
+        (["-l", "/boot/vmlinuz", "-e"], ["load", "exec"]),
+        (["-p", "/boot/vmlinuz", "-f"], ["crash", "exec"]),
+        (["-f"], ["exec"]),
+        (["--load-p", "/boot/vmlinuz"], ["load", "crash"]),
+        (["-l", "--", "-kernel-with-a-dash"], ["load"]),
+        # Nothing to load or execute: kexec runs unchecked.
+        (["-u"], []),
+        (["-p", "-u"], []),
+        (["-S"], []),
+        (["--print-ckr-size"], []),
+        (["--help"], []),
+    ],
+)
+def test_wrapper_derives_the_phase(fakes: Fakes, args: list[str], phases: list[str]) -> None:
+    run = _wrap(fakes, *args)
+    assert run.returncode == 0, run.stderr
+    calls = fakes.calls()
+    assert [c.argv for c in calls[:-1]] == [["hook", phase, "--", *args] for phase in phases]
+    assert (calls[-1].name, calls[-1].argv) == ("kexec", args)
+
+
+@pytest.mark.parametrize("hook_rc", [1, 2, 3])
+def test_wrapper_runs_kexec_only_on_allow(fakes: Fakes, hook_rc: int) -> None:
+    run = _wrap(fakes, "-e", FAKE_RC=str(hook_rc))
+    assert run.returncode == hook_rc
+    assert [c.name for c in fakes.calls()] == ["tdx-preflight"]
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"kexec-gated: tdx-preflight refused the exec phase (exit {hook_rc}); "
+        f"{fakes.bin / 'kexec'} not run"
+    )
+
+
+def test_wrapper_stops_at_the_first_refused_phase(fakes: Fakes) -> None:
+    run = _wrap(fakes, "-l", "/boot/vmlinuz", "-e", FAKE_RC="1")
+    assert run.returncode == 1
+    assert [c.argv[:2] for c in fakes.calls()] == [["hook", "load"]]
+
+
+def test_wrapper_passes_kexec_exit_code_and_stdout(fakes: Fakes) -> None:
+    run = _wrap(fakes, "-e", FAKE_KEXEC_RC="7")
+    assert run.returncode == 7
+    # The hook's stdout goes to stderr: kexec's stdout stays kexec's.
+    assert run.stdout == "kexec output\n"
+    assert "preflight says hello" in run.stderr
+
+
+HOSTILE = [
+    "--append=root=/dev/mapper/vg-root ro quiet",
+    "--command-line=$(touch {sentinel})",
+    "`touch {sentinel}`",
+    "; touch {sentinel} #",
+    'it\'s "quoted" & piped | here > {sentinel}',
+    "*",
+    "two\nlines",
+    "",
+    "-",
+    "/boot/vmlinuz with spaces",
+]
+
+
+def test_wrapper_keeps_arguments_intact(fakes: Fakes, tmp_path: Path) -> None:
+    sentinel = tmp_path / "pwned"
+    args = ["-l", *(a.format(sentinel=sentinel) for a in HOSTILE)]
+    run = _wrap(fakes, *args)
+    assert run.returncode == 0, run.stderr
+    hook, kexec = fakes.calls()
+    assert hook.argv == ["hook", "load", "--", *args]
+    assert kexec.argv == args
+    assert not sentinel.exists()
+
+
+def test_wrapper_fails_closed_without_tdx_preflight(fakes: Fakes, tmp_path: Path) -> None:
+    run = _wrap(fakes, "-e", KEXEC_GATED_PREFLIGHT=str(tmp_path / "missing" / "tdx-preflight"))
+    assert run.returncode == 127
+    assert fakes.calls() == []
+    assert "could not be run" in run.stderr
+
+
+def test_wrapper_refuses_to_loop(fakes: Fakes) -> None:
+    run = _wrap(fakes, "-e", KEXEC_GATED_ACTIVE="1")
+    assert run.returncode == 2
+    assert fakes.calls() == [] and "loop" in run.stderr
+
+
+def test_wrapper_is_found_on_path_as_kexec(fakes: Fakes, tmp_path: Path) -> None:
+    # Installed in place of kexec (the dpkg diversion), its real kexec set apart: a call by
+    # name reaches the gate, then the real binary.
+    diverted = tmp_path / "diverted"
+    diverted.mkdir()
+    shutil.copy(WRAPPER, diverted / "kexec")
+    (diverted / "kexec").chmod(0o755)
+    env = fakes.env(
+        KEXEC_GATED_PREFLIGHT=str(fakes.bin / "tdx-preflight"),
+        KEXEC_GATED_KEXEC=str(fakes.bin / "kexec"),
+    )
+    env["PATH"] = f"{diverted}{os.pathsep}{env['PATH']}"
+    run = _run(["kexec", "-p", "/var/lib/kdump/vmlinuz"], env=env)
+    assert run.returncode == 0, run.stderr
+    assert [(c.name, c.argv[:2]) for c in fakes.calls()] == [
+        ("tdx-preflight", ["hook", "crash"]),
+        ("kexec", ["-p", "/var/lib/kdump/vmlinuz"]),
+    ]
+
+
+# --- kured ----------------------------------------------------------------------------------
+
+
+def _kured_args() -> list[str]:
+    doc = yaml.safe_load(KURED.read_text())
+    assert doc["kind"] == "DaemonSet" and doc["metadata"]["name"] == "kured"
+    spec = doc["spec"]["template"]["spec"]
+    assert spec["hostPID"] is True
+    (container,) = spec["containers"]
+    assert container["name"] == "kured" and container["securityContext"]["privileged"] is True
+    return container["args"]
+
+
+def test_kured_args() -> None:
+    args = _kured_args()
+    assert "--reboot-method=command" in args
+    commands = [a.removeprefix("--reboot-command=") for a in args if a.startswith("--reboot-c")]
+    assert len(commands) == 1
+    argv = shlex.split(commands[0])  # kured splits with google/shlex: the same rules here
+    assert argv[:2] == ["/bin/sh", "-c"] and len(argv) == 3
+    assert f"{INSTALLED_AT} exec -- /usr/bin/systemctl kexec" in argv[2]
+    assert _run(["/bin/sh", "-n", "-c", argv[2]]).returncode == 0
+
+
+def _kured_command(fakes: Fakes) -> list[str]:
+    (command,) = [a for a in _kured_args() if a.startswith("--reboot-command=")]
+    argv = shlex.split(command.removeprefix("--reboot-command="))
+    script = argv[2].replace(INSTALLED_AT, str(fakes.bin / "tdx-preflight"))
+    return [*argv[:2], script.replace("/usr/bin/systemctl", str(fakes.bin / "systemctl"))]
+
+
+@pytest.mark.parametrize(
+    ("hook_rc", "kexec_rc", "expected"),
+    [
+        (0, 0, [["kexec"]]),
+        (1, 0, [["reboot"]]),
+        (3, 0, [["reboot"]]),
+        # Allowed, but systemctl kexec fails (no kernel it can load): fall back too.
+        (0, 1, [["kexec"], ["reboot"]]),
+    ],
+)
+def test_kured_command_falls_back_to_a_cold_reboot(
+    fakes: Fakes, hook_rc: int, kexec_rc: int, expected: list[list[str]]
+) -> None:
+    fakes.add("systemctl", f'[ "$1" = kexec ] && exit {kexec_rc}\nexit 0')
+    run = _run(_kured_command(fakes), env=fakes.env(FAKE_RC=str(hook_rc)))
+    assert run.returncode == 0, run.stderr
+    calls = [c for c in fakes.calls() if c.name == "systemctl"]
+    assert [c.argv for c in calls] == expected
+    for call in calls:
+        # The fallback must stay a cold reboot even when a kernel is loaded (systemd >= 255).
+        assert call.env["SYSTEMCTL_SKIP_AUTO_KEXEC"] == ("1" if call.argv == ["reboot"] else "")
+
+
+# --- Prometheus -----------------------------------------------------------------------------
+
+# PromQL words that are not metric names (functions, aggregations, keywords) used or likely.
+PROMQL_WORDS = {
+    "abs", "absent", "absent_over_time", "and", "avg", "avg_over_time", "bool", "by",
+    "changes", "clamp_min", "count", "count_over_time", "delta", "group_left", "group_right",
+    "ignoring", "increase", "label_replace", "max", "max_over_time", "min", "min_over_time",
+    "offset", "on", "or", "rate", "resets", "scalar", "sum", "time", "timestamp", "topk",
+    "unless", "vector", "without",
+}  # fmt: skip
+
+
+def _metric_names(promql: str) -> set[str]:
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', "", promql)  # strings
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", text)  # label matchers, ranges
+    grouping = r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)"
+    text = re.sub(grouping, "", text)  # label lists
+    text = re.sub(r"\b\d+(?:\.\d+)?(?:[smhdwy]|ms)?\b", "", text)  # numbers, durations
+    return set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", text)) - PROMQL_WORDS
+
+
+def _template_queries(template: str) -> list[str]:
+    """The PromQL in `printf "..."` calls of an alert template, Go string escapes undone."""
+    found = re.findall(r'printf\s+"((?:[^"\\]|\\.)*)"', template)
+    return [q.replace('\\"', '"').replace("%q", '"x"') for q in found]
+
+
+def _rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(RULES.read_text())
+    assert set(doc) == {"groups"}
+    rules = []
+    for group in doc["groups"]:
+        assert isinstance(group["name"], str) and group["rules"]
+        rules.extend(group["rules"])
+    return rules
+
+
+def test_rules_structure() -> None:
+    rules = _rules()
+    by_name = {r["alert"]: r for r in rules}
+    assert len(by_name) == len(rules)
+    for rule in rules:
+        assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule
+        assert re.fullmatch(r"[A-Z][A-Za-z]+", rule["alert"])
+        assert isinstance(rule["expr"], str)
+        assert re.fullmatch(r"\d+[smh]", rule["for"])
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}
+        assert {"summary", "description"} <= set(rule["annotations"])
+    assert set(by_name) == {
+        "TDXKexecBlocked", "TDXKexecUnavailable", "TDXGuestsRunning", "TDXPreflightStale"
+    }  # fmt: skip
+    blocked = by_name["TDXKexecBlocked"]
+    # Exec refused, except where that is expected: TD guests alive, or no kexec this boot.
+    assert blocked["expr"] == (
+        'tdx_preflight_kexec_allowed{phase="exec"} == 0'
+        " unless on(instance, job) tdx_preflight_td_guests > 0"
+        ' unless on(instance, job) tdx_preflight_kexec_allowed{phase="load"} == 0'
+    )
+    assert (blocked["for"], blocked["labels"]["severity"]) == ("10m", "warning")
+    unavailable = by_name["TDXKexecUnavailable"]
+    assert unavailable["expr"] == 'tdx_preflight_kexec_allowed{phase="load"} == 0'
+    stale = by_name["TDXPreflightStale"]
+    assert stale["expr"] == "time() - tdx_preflight_last_check_timestamp_seconds > 900"
+    assert by_name["TDXGuestsRunning"]["expr"] == "tdx_preflight_td_guests > 0"
+    assert by_name["TDXGuestsRunning"]["labels"]["severity"] == "info"
+
+
+def test_rules_read_only_our_metrics() -> None:
+    for rule in _rules():
+        assert _metric_names(rule["expr"]) <= METRICS, rule["alert"]
+        for template in rule["annotations"].values():
+            for query in _template_queries(template):
+                assert _metric_names(query) <= METRICS, (rule["alert"], query)
+            assert set(re.findall(r"tdx_preflight_\w+", template)) <= METRICS
+
+
+def test_metric_name_extraction() -> None:
+    # Guards the test above.
+    assert _metric_names('time() - foo_seconds{a="b"} > 900') == {"foo_seconds"}
+    assert _metric_names("sum by (x) (rate(bar_total[5m])) / on(y) group_left(z) baz") == {
+        "bar_total", "baz"
+    }  # fmt: skip
+    assert _metric_names("a unless on(instance, job) b > 0") == {"a", "b"}
+    assert _template_queries('{{ printf "m{instance=%q,s=~\\"a|b\\"} == 1" $x | query }}') == [
+        'm{instance="x",s=~"a|b"} == 1'
+    ]
+
+
+def test_kured_filters_on_an_alert_that_exists() -> None:
+    names = {r["alert"] for r in _rules()}
+    for text in (KURED.read_text(), RULES.read_text(), (KURED.parent / "README.md").read_text()):
+        filters = re.findall(r"--alert-filter-regexp=\^(\w+)\$", text)
+        assert filters and set(filters) <= names
+        assert "--alert-filter-match-only=true" in text
+
+
+@pytest.fixture
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    return found
+
+
+def test_promtool_checks_the_rules(promtool: str) -> None:
+    run = _run([promtool, "check", "rules", str(RULES)])
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def _series(host: str, metric: str, values: str, **labels: str) -> dict[str, str]:
+    all_labels = {"instance": host, "job": "node", **labels}
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(all_labels.items()))
+    return {"series": f"{metric}{{{inner}}}", "values": values}
+
+
+def _alert(host: str, severity: str, summary: str, description: str, **labels: str) -> Any:
+    return {
+        "exp_labels": {"instance": host, "job": "node", "severity": severity, **labels},
+        "exp_annotations": {"summary": summary, "description": description},
+    }
+
+
+# Three hosts, one minute apart for 20 minutes. "0+60x20" is a timestamp kept current.
+#   tdx1: no TD guest, a teardown that never finished; its daemon stopped writing at t=0.
+#   tdx2: the partial-write erratum: nothing can be loaded, let alone executed.
+#   tdx3: two TD guests running; could kexec once they are gone.
+PROMTOOL_SERIES = [
+    _series("tdx1", "tdx_preflight_kexec_allowed", "1 0x20", phase="exec"),
+    _series("tdx1", "tdx_preflight_kexec_allowed", "1x20", phase="load"),
+    _series("tdx1", "tdx_preflight_td_guests", "0x20"),
+    _series("tdx1", "tdx_preflight_check_status", "0 1x20", check="guests.teardown", status="fail"),
+    _series("tdx1", "tdx_preflight_check_status", "1x20", check="platform.cpu", status="pass"),
+    _series(
+        "tdx1", "tdx_preflight_info", "1x20",
+        kernel="6.18.2-1-amd64", cpu_model="Xeon 6", tdx_module_version="1.5.08",
+    ),
+    _series("tdx1", "tdx_preflight_last_check_timestamp_seconds", "0x20"),
+    _series("tdx2", "tdx_preflight_kexec_allowed", "0x20", phase="exec"),
+    _series("tdx2", "tdx_preflight_kexec_allowed", "0x20", phase="load"),
+    _series("tdx2", "tdx_preflight_td_guests", "0x20"),
+    _series("tdx2", "tdx_preflight_check_status", "1x20", check="errata.tdx_pw_mce", status="fail"),
+    _series(
+        "tdx2", "tdx_preflight_info", "1x20",
+        kernel="6.18.2-1-amd64", cpu_model="Xeon Platinum 8480+", tdx_module_version="1.5.06",
+    ),
+    _series("tdx2", "tdx_preflight_last_check_timestamp_seconds", "0+60x20"),
+    _series("tdx3", "tdx_preflight_kexec_allowed", "0x20", phase="exec"),
+    _series("tdx3", "tdx_preflight_kexec_allowed", "1x20", phase="load"),
+    _series("tdx3", "tdx_preflight_td_guests", "2x20"),
+    _series("tdx3", "tdx_preflight_check_status", "1x20", check="guests.td", status="fail"),
+    _series("tdx3", "tdx_preflight_last_check_timestamp_seconds", "0+60x20"),
+]  # fmt: skip
+
+PROMTOOL_EXPECTED = [
+    ("9m", "TDXKexecBlocked", []),
+    (
+        "12m",
+        "TDXKexecBlocked",
+        [
+            _alert(
+                "tdx1", "warning", "kexec is blocked on tdx1",
+                "tdx-preflight on tdx1 has refused kexec (exec phase) for 10 minutes, with no TD "
+                "guest running. Kernel 6.18.2-1-amd64, Xeon 6, TDX module 1.5.08. Checks failing "
+                "or unknown: guests.teardown=fail. Run `tdx-preflight check -v` on the host. A "
+                "cold reboot is always safe.",
+                phase="exec",
+            )
+        ],
+    ),
+    ("9m", "TDXKexecUnavailable", []),
+    (
+        "11m",
+        "TDXKexecUnavailable",
+        [
+            _alert(
+                "tdx2", "info", "tdx2 cannot kexec until a cold reboot",
+                "tdx-preflight on tdx2 refuses even to load a kexec kernel. Kernel "
+                "6.18.2-1-amd64, Xeon Platinum 8480+, TDX module 1.5.06. Checks failing or "
+                "unknown: errata.tdx_pw_mce=fail. Reboot it cold (`systemctl reboot`); kured's "
+                "command in config/kured/ does.",
+                phase="load",
+            )
+        ],
+    ),
+    (
+        "1m",
+        "TDXGuestsRunning",
+        [
+            _alert(
+                "tdx3", "info", "2 TD guest(s) running on tdx3",
+                "kexec is refused on tdx3 while TD guests run. Informational; kured blocks on it "
+                "with --alert-filter-regexp=^TDXGuestsRunning$ --alert-filter-match-only=true.",
+            )
+        ],
+    ),
+    ("15m", "TDXPreflightStale", []),
+    (
+        "16m",
+        "TDXPreflightStale",
+        [
+            _alert(
+                "tdx1", "warning", "tdx-preflight metrics on tdx1 are stale",
+                "The last check on tdx1 is 16m 0s old. The tdx-preflight daemon is down or stuck "
+                "(`systemctl status tdx-preflight`), so the kexec alerts for this host describe "
+                "the past.",
+            )
+        ],
+    ),
+]  # fmt: skip
+
+
+def test_promtool_unit_tests_the_alerts(promtool: str, tmp_path: Path) -> None:
+    tests = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": PROMTOOL_SERIES,
+                "alert_rule_test": [
+                    {"eval_time": at, "alertname": name, "exp_alerts": alerts}
+                    for at, name, alerts in PROMTOOL_EXPECTED
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "rules-test.yaml"
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
+    run = _run([promtool, "test", "rules", str(test_file)])
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_every_alert_is_unit_tested() -> None:
+    assert {name for _, name, alerts in PROMTOOL_EXPECTED if alerts} == {
+        r["alert"] for r in _rules()
+    }
+
+
+# --- install_integrations -------------------------------------------------------------------
+
+
+@pytest.fixture
+def strict_umask() -> Iterator[None]:
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_install_puts_every_file_in_place(tmp_path: Path, strict_umask: None) -> None:
+    prefix = tmp_path / "root"
+    pairs = install_integrations(str(prefix))
+    assert pairs == [(str(REPO / s.source), str(prefix / s.destination)) for s in SHIPPED]
+    expected = {
+        "etc/systemd/system/tdx-preflight.service": 0o644,
+        "etc/systemd/system/kexec-load.service.d/tdx-preflight.conf": 0o644,
+        "etc/systemd/system/kdump.service.d/tdx-preflight.conf": 0o644,
+        "etc/systemd/system/kdump-tools.service.d/tdx-preflight.conf": 0o644,
+        "usr/local/sbin/kexec-gated": 0o755,
+        "etc/prometheus/rules/tdx-preflight-rules.yaml": 0o644,
+        "etc/tdx-preflight/config.yaml": 0o644,
+    }
+    installed = {str(p.relative_to(prefix)): _mode(p) for p in prefix.rglob("*") if not p.is_dir()}
+    assert installed == expected
+    for source, destination in pairs:
+        assert Path(destination).read_bytes() == Path(source).read_bytes()
+    for directory in (p for p in prefix.rglob("*") if p.is_dir()):
+        assert _mode(directory) == 0o755, directory
+    # The installed wrapper runs as the file it is.
+    assert os.access(prefix / "usr/local/sbin/kexec-gated", os.X_OK)
+
+
+def test_install_dry_run_writes_nothing(tmp_path: Path) -> None:
+    prefix = tmp_path / "root"
+    planned = install_integrations(str(prefix), dry_run=True)
+    assert not prefix.exists()
+    prefix.mkdir()
+    assert install_integrations(str(prefix), dry_run=True) == planned
+    assert list(prefix.iterdir()) == []
+    assert install_integrations(str(prefix)) == planned
+
+
+def test_install_keeps_the_operators_config(tmp_path: Path) -> None:
+    prefix = tmp_path / "root"
+    config = prefix / "etc/tdx-preflight/config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("block_on_warn: [postkexec.tdx]\n")
+    config.chmod(0o600)
+    for dry_run in (True, False):
+        pairs = install_integrations(str(prefix), dry_run=dry_run)
+        assert str(config) not in {d for _, d in pairs}
+        assert len(pairs) == len(SHIPPED) - 1
+    assert config.read_text() == "block_on_warn: [postkexec.tdx]\n"
+    assert _mode(config) == 0o600
+    assert [p.name for p in config.parent.iterdir()] == ["config.yaml"]  # no temporary left
+
+    # A dangling symlink is the operator's too.
+    config.unlink()
+    config.symlink_to(tmp_path / "elsewhere.yaml")
+    install_integrations(str(prefix))
+    assert config.is_symlink() and not (tmp_path / "elsewhere.yaml").exists()
+
+
+def test_install_replaces_its_own_files(tmp_path: Path) -> None:
+    prefix = tmp_path / "root"
+    install_integrations(str(prefix))
+    wrapper = prefix / "usr/local/sbin/kexec-gated"
+    wrapper.write_text("stale\n")
+    wrapper.chmod(0o600)
+    install_integrations(str(prefix))
+    assert wrapper.read_bytes() == WRAPPER.read_bytes() and _mode(wrapper) == 0o755
+
+
+def test_install_without_the_shipped_files_says_so(tmp_path: Path) -> None:
+    partial = tmp_path / "tree"
+    (partial / "systemd").mkdir(parents=True)
+    shutil.copy(REPO / "systemd/tdx-preflight.service", partial / "systemd")
+    prefix = tmp_path / "root"
+    with pytest.raises(IntegrationFilesMissing) as raised:
+        install_integrations(str(prefix), source_root=partial)
+    assert isinstance(raised.value, FileNotFoundError)
+    assert "config/kexec-wrapper.sh" in str(raised.value) and str(partial) in str(raised.value)
+    assert "systemd/tdx-preflight.service" not in raised.value.missing
+    assert not prefix.exists()
+
+
+def test_every_shipped_drop_in_is_installed() -> None:
+    sources = {s.source for s in SHIPPED}
+    drop_ins = {str(p.relative_to(REPO)) for p in (REPO / "systemd").glob("*.service.d/*.conf")}
+    assert drop_ins and drop_ins <= sources
+    assert {f"{name}.d/tdx-preflight.conf" for name in DROP_INS} == {
+        d.removeprefix("systemd/") for d in drop_ins
+    }
+
+
+def test_every_shipped_file_says_what_it_does() -> None:
+    # Each integration's header: what it does, how to enable it, what it cannot catch.
+    for item in SHIPPED:
+        if item.source in {"systemd/tdx-preflight.service", "config/tdx-preflight.yaml"}:
+            continue
+        header = (REPO / item.source).read_text()[:6000]
+        for part in ("WHAT IT DOES", "HOW TO ENABLE", "WHAT IT CANNOT CATCH"):
+            assert part in header, (item.source, part)
+    kured = KURED.read_text()
+    for part in ("WHAT IT DOES", "HOW TO ENABLE", "WHAT IT CANNOT CATCH"):
+        assert part in kured
