@@ -96,6 +96,12 @@ class Daemon:
     # -- life cycle ----------------------------------------------------------------
 
     async def run(self) -> int:
+        # Many control clients at once each hold a descriptor: lift the soft limit.
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         for path in (self.policy.control_socket, self.policy.state_file):
             os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
         boot = self.host.read_value("proc/sys/kernel/random/boot_id")
