@@ -14,6 +14,7 @@ present the cost must follow the VMs, not the processes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -77,6 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="keep the fixtures")
+    ap.add_argument("--summary", help="also write the key figures as JSON to this file")
     args = ap.parse_args()
     script = Path(sys.executable).parent / "tdx-preflight"
     if not script.exists():
@@ -113,6 +115,15 @@ def main() -> None:
             f"{t_small / floor:4.2f}x floor"
         )
         print(f"  20,000 vs 200 processes            {t_big / t_small:7.3f}x    (target <= 1.10x)")
+        if args.summary:
+            summary = {
+                "floor_ms": floor * 1000,
+                "check_ms": t_big * 1000,
+                "check_small_ms": t_small * 1000,
+                "ratio": t_big / floor,
+                "scaling": t_big / t_small,
+            }
+            Path(args.summary).write_text(json.dumps(summary))
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -30,6 +30,7 @@ import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 from _daemonbench import DaemonProc, LineClient, VmMaker, die_without_kvm, live_keys, pct
 
@@ -170,6 +171,7 @@ def main() -> None:
     ap.add_argument(
         "--timeout", type=float, default=10.0, help="give up waiting after S seconds (default 10)"
     )
+    ap.add_argument("--summary", help="also write the key figures as JSON to this file")
     args = ap.parse_args()
     die_without_kvm()
     d = DaemonProc(reconcile_interval=0, client_timeout=30)
@@ -239,6 +241,18 @@ def main() -> None:
     row("reconciles", [str(b["reconciles"]) for b in bursts])
     row("uevents applied", [str(b["events"]) for b in bursts], f"(each burst's own: {args.burst})")
     row("created by uevent", [str(b["by"].get("event", 0)) for b in bursts])
+    if args.summary:
+        ms = [x * 1000 for x in lat["lat"]] if lat else []
+        summary = {
+            "event_median_ms": statistics.median(ms) if ms else None,
+            "event_p99_ms": pct(ms, 99) if ms else None,
+            "event_missed": lat["missed"] if lat else None,
+            "burst_vms": args.burst,
+            "burst_all_live_ms": [t * 1000 if t is not None else None for t in late],
+            "burst_missing": [b["missing"] for b in bursts],
+            "burst_resyncs": [b["resyncs"] for b in bursts],
+        }
+        Path(args.summary).write_text(json.dumps(summary))
 
 
 if __name__ == "__main__":

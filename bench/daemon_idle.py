@@ -78,6 +78,7 @@ def main() -> None:
     )
     ap.add_argument("--interval", type=float, default=60.0, help="reconcile_interval (default 60)")
     ap.add_argument("--vms", type=int, default=50, help="VMs for the second RSS (default 50)")
+    ap.add_argument("--summary", help="also write the key figures as JSON to this file")
     args = ap.parse_args()
     if args.vms:
         die_without_kvm()
@@ -155,6 +156,16 @@ def main() -> None:
     print()
     spent = ", ".join(f"{t:.0f}s: {c * 1000:.0f} ms" for t, c in busy) or "none"
     print(f"  CPU by second of the window (10 ms ticks): {spent}")
+
+    if args.summary:
+        summary = {
+            "window_s": window,
+            "cpu_per_min_s": per_min,
+            "rss_idle_mib": rss_idle,
+            "rss_vms_mib": rss_vms,
+            "vms": args.vms,
+        }
+        Path(args.summary).write_text(json.dumps(summary))
 
 
 if __name__ == "__main__":

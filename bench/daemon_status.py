@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000, help="per variant (default 1000)")
     ap.add_argument("--vms", type=int, default=50, help="live VMs (default 50)")
     ap.add_argument("--warmup", type=int, default=20, help="unrecorded requests (default 20)")
+    ap.add_argument("--summary", help="also write the key figures as JSON to this file")
     ap.add_argument("--serve-echo", nargs=2, metavar=("SOCKET", "REPLY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_echo:
@@ -205,6 +206,15 @@ def main() -> None:
             f"  target daemon p99 < 5 ms, {variant:15} {p99:6.3f} ms: "
             f"{'met' if p99 < 5 else 'NOT met'}"
         )
+    if args.summary:
+        summary = {
+            "vms": args.vms,
+            "status_median_ms": statistics.median(ms[("daemon", "persistent")]),
+            "status_p99_ms": pct(ms[("daemon", "persistent")], 99),
+            "status_new_conn_p99_ms": pct(ms[("daemon", "new connection")], 99),
+            "baseline_p99_ms": pct(ms[("baseline", "persistent")], 99),
+        }
+        Path(args.summary).write_text(json.dumps(summary))
 
 
 if __name__ == "__main__":
