@@ -174,27 +174,10 @@ class Host:
 
     def read_bytes(self, rel: str, limit: int = SMALL) -> bytes | Problem:
         """The whole file, or a Problem. A file larger than `limit` is malformed."""
-        path = self.display(rel)
-        opened = self._open_read(rel, "a file")
-        if isinstance(opened, Problem):
-            return opened
-        fd = opened[0]
-        try:
-            chunks: list[bytes] = []
-            total = 0
-            while total <= limit:
-                data = os.read(fd, min(CHUNK, limit + 1 - total))
-                if not data:
-                    break
-                chunks.append(data)
-                total += len(data)
-            if total > limit:
-                return Problem("malformed", path, f"larger than {limit} bytes")
-            return b"".join(chunks)
-        except OSError as exc:
-            return problem_from_oserror(path, exc)
-        finally:
-            os.close(fd)
+        data = self.read_head(rel, limit + 1)
+        if isinstance(data, bytes) and len(data) > limit:
+            return Problem("malformed", self.display(rel), f"larger than {limit} bytes")
+        return data
 
     def read_head(self, rel: str, size: int) -> bytes | Problem:
         """The first `size` bytes of a file (all of it when shorter): for large files
@@ -207,7 +190,7 @@ class Host:
             chunks: list[bytes] = []
             total = 0
             while total < size:
-                data = os.read(fd, size - total)
+                data = os.read(fd, min(CHUNK, size - total))
                 if not data:
                     break
                 chunks.append(data)

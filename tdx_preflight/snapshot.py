@@ -134,24 +134,8 @@ class RecordingHost(Host):
 
     def _prefix_of(self, rel: str, size: int) -> bytes | None:
         """The first `size` bytes of a file whose whole read was refused for its size."""
-        opened = self._open_read(rel, "a file")
-        if isinstance(opened, Problem):
-            return None
-        fd = opened[0]
-        try:
-            chunks: list[bytes] = []
-            total = 0
-            while total < size:
-                data = os.read(fd, min(1 << 20, size - total))
-                if not data:
-                    break
-                chunks.append(data)
-                total += len(data)
-            return b"".join(chunks)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        data = Host.read_head(self, rel, size)  # not recorded: only the prefix is kept
+        return data if isinstance(data, bytes) else None
 
     def listdir(self, rel: str) -> list[str] | Problem:
         result = super().listdir(rel)
