@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from . import __version__
@@ -100,6 +99,12 @@ class Report:
         return out
 
 
+def rfc3339_now() -> str:
+    """Now in UTC as RFC 3339 with milliseconds (time.strftime: datetime costs ms to import)."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
 def _blocks(check_id: str, status: str, blocking: bool, phase: str, policy: Policy) -> str | None:
     if status == "fail" and blocking:
         return "fail"
@@ -138,7 +143,7 @@ def evaluate(facts: HostFacts, phase: str, policy: Policy, started: float | None
     else:
         verdict, code = "allow", EXIT_ALLOW
     summary = _summary(phase, verdict, failed + unknown, results)
-    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    now = rfc3339_now()
     duration = (time.monotonic() - started) * 1000 if started is not None else 0.0
     return Report(phase, facts, results, verdict, code, summary, now, duration)
 

@@ -108,14 +108,16 @@ def read_msrs(host: Host, cpus: list[int], load_module: str = "auto") -> MsrFact
     unavailable: Problem | None = None
     for n, cpu in enumerate(cpus):
         for index in MSRS:
-            result = host.read_msr(cpu, index)
-            if not isinstance(result, Problem) and index in _OVERLAPPED and host.msr_is_file(cpu):
-                result = Problem(
+            if index in _OVERLAPPED and host.msr_is_file(cpu):
+                # Not read: in a file this slot holds the next MSR's bytes too.
+                result: int | Problem = Problem(
                     "malformed",
                     f"{host.display(f'dev/cpu/{cpu}/msr')} @0x{index:x}",
                     f"a file cannot hold 0x{index:x} beside 0x{_OVERLAPPED[index]:x} "
                     "(their 8-byte slots overlap); not read",
                 )
+            else:
+                result = host.read_msr(cpu, index)
             if isinstance(result, Problem):
                 readings[index].problems[cpu] = result
             else:
