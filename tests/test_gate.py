@@ -326,3 +326,18 @@ def test_hook_catches_a_td_the_daemon_has_not_seen(tmp_path: Path) -> None:
     finally:
         d.signal(signal.SIGCONT)
         d.cleanup()
+
+
+def test_an_internal_error_never_exits_0(tmp_path: Path) -> None:
+    """A bug below the CLI (here: gather raising) must not read as allow."""
+    root = gate_root(tmp_path)
+    code = (
+        "import sys, tdx_preflight.facts as f\n"
+        "def boom(*a, **k):\n    raise RuntimeError('injected')\n"
+        "f.gather = boom\n"
+        "from tdx_preflight.cli import main\n"
+        f"sys.argv = ['tdx-preflight', 'hook', '--root', {str(root)!r}, 'exec']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "internal error" in proc.stderr and "injected" in proc.stderr
