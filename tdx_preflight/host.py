@@ -24,8 +24,8 @@ ProblemKind = Literal["absent", "permission", "io", "malformed"]
 
 #: Default cap for a file that should be small (sysfs values, proc files).
 SMALL = 64 * 1024
-#: Cap for files that grow with the machine (cpuinfo, cmdline of a process).
-LARGE = 16 * 1024 * 1024
+#: Cap for files that grow with the machine (cpuinfo of 2,048 CPUs is about 5.5 MB).
+LARGE = 8 * 1024 * 1024
 #: Read size for streamed files.
 CHUNK = 1 << 20
 
@@ -158,23 +158,29 @@ class Host:
 
     def _open_read(
         self, rel: str, expected: str, chr_ok: bool = False
-    ) -> tuple[int, int] | Problem:
-        """(fd, st_mode) of a regular file (or a character device when `chr_ok`)."""
+    ) -> tuple[int, os.stat_result] | Problem:
+        """(fd, stat) of a regular file (or a character device when `chr_ok`)."""
         try:
             fd = self._open(rel, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             return problem_from_oserror(self.display(rel), exc)
-        mode = os.fstat(fd).st_mode
+        st = os.fstat(fd)
+        mode = st.st_mode
         if stat.S_ISREG(mode) or (chr_ok and stat.S_ISCHR(mode)):
-            return fd, mode
+            return fd, st
         os.close(fd)
         return Problem("io", self.display(rel), f"is {_kind_name(mode)}, expected {expected}")
 
     # -- plain reads -------------------------------------------------------------
 
     def read_bytes(self, rel: str, limit: int = SMALL) -> bytes | Problem:
-        """The whole file, or a Problem. A file larger than `limit` is malformed."""
-        data = self.read_head(rel, limit + 1)
+        """The whole file, or a Problem. A file larger than `limit` is malformed.
+
+        A regular file whose size already says so is refused unread (a 1 GiB
+        sparse file costs nothing); proc and sys files report no real size and
+        are read, at most `limit` + 1 bytes.
+        """
+        data = self._read(rel, limit + 1, refuse_over=limit)
         if isinstance(data, bytes) and len(data) > limit:
             return Problem("malformed", self.display(rel), f"larger than {limit} bytes")
         return data
@@ -182,11 +188,17 @@ class Host:
     def read_head(self, rel: str, size: int) -> bytes | Problem:
         """The first `size` bytes of a file (all of it when shorter): for large files
         whose format puts what matters at the start (a kernel image's header)."""
+        return self._read(rel, size, refuse_over=None)
+
+    def _read(self, rel: str, size: int, refuse_over: int | None) -> bytes | Problem:
         opened = self._open_read(rel, "a file")
         if isinstance(opened, Problem):
             return opened
-        fd = opened[0]
+        fd, st = opened
         try:
+            # sysfs reports 4096 for every attribute: only a larger size is a real one.
+            if refuse_over is not None and st.st_size > max(refuse_over, 4096):
+                return Problem("malformed", self.display(rel), f"larger than {refuse_over} bytes")
             chunks: list[bytes] = []
             total = 0
             while total < size:
@@ -329,9 +341,9 @@ class Host:
         opened = self._open_read(rel, "the kmsg device or a file", chr_ok=True)
         if isinstance(opened, Problem):
             return opened
-        fd, mode = opened
+        fd, st = opened
         try:
-            if stat.S_ISREG(mode):
+            if stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 fd = -1
                 data = self.read_bytes(rel, limit)
