@@ -232,6 +232,7 @@ def status(root: str | None, config_path: str | None, fmt: str) -> None:
         from .daemon.state import read_state
 
         boot = _host.read_value("proc/sys/kernel/random/boot_id")
+        _host.close()
         state, why = read_state(
             policy.state_file, policy.state_max_age, boot if isinstance(boot, str) else None
         )

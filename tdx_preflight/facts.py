@@ -95,10 +95,6 @@ class HostFacts(NamedTuple):
     target: TargetKernel | None = None
 
     @property
-    def root_tdx_capacity(self) -> int | Problem:
-        return cgroup.tdx_count(self.misc_capacity, "sys/fs/cgroup/misc.capacity")
-
-    @property
     def root_tdx_current(self) -> int | Problem:
         return cgroup.tdx_count(self.misc_current, "sys/fs/cgroup/misc.current")
 

@@ -65,9 +65,6 @@ class Report:
         #: Lines the text rendering shows before the verdict.
         self.notes: list[str] = []
 
-    def result(self, check_id: str) -> CheckResult:
-        return next(r for r in self.results if r.id == check_id)
-
     def host_json(self) -> dict[str, Any]:
         f = self.facts
         cpu = None if isinstance(f.cpuinfo, Problem) else f.cpuinfo.first

@@ -9,9 +9,6 @@ from ..facts import HostFacts
 
 PHASES = ("load", "exec", "crash")
 STATUSES = ("pass", "warn", "fail", "unknown", "skip")
-_RANK = {"skip": 0, "pass": 1, "warn": 2, "unknown": 3, "fail": 4}
-
-
 class Outcome(NamedTuple):
     """What a check function returns."""
 
@@ -75,10 +72,6 @@ def check(
         return func
 
     return register
-
-
-def worst(statuses: list[str]) -> str:
-    return max(statuses, key=_RANK.__getitem__) if statuses else "pass"
 
 
 def problem_remedy(kind: str, what: str) -> str:

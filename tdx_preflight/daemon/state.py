@@ -33,12 +33,6 @@ def write_atomic(path: str, data: dict[str, Any], mode: int = 0o644) -> None:
         raise
 
 
-def boot_id(host_read: Any) -> str | None:
-    """The boot id via a Host-like reader (read_value of proc/sys/kernel/random/boot_id)."""
-    value = host_read("proc/sys/kernel/random/boot_id")
-    return value if isinstance(value, str) else None
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

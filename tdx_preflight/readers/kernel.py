@@ -57,8 +57,6 @@ class KernelConfig(NamedTuple):
     source: str
     values: dict[str, str]
 
-    def enabled(self, name: str) -> bool:
-        return self.values.get(name, "n") in ("y", "m")
 
 
 def read_config(host: Host, release: str | Problem) -> KernelConfig | Problem:
