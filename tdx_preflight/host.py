@@ -252,6 +252,17 @@ class Host:
         os.close(fd)
         return True
 
+    def is_dir(self, rel: str) -> bool:
+        """True when the path is a directory under the root (a symlink is not followed)."""
+        try:
+            fd = self._open(rel, os.O_PATH | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            return stat.S_ISDIR(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+
     def listdir(self, rel: str) -> list[str] | Problem:
         """Names in a directory."""
         path = self.display(rel)

@@ -145,18 +145,8 @@ class RecordingHost(Host):
             # /proc is reproduced from the reads of VM holders only, never from a listing.
             if rel != "proc" and not rel.startswith("proc/"):
                 for name in result:
-                    self.listed_types.setdefault(f"{rel}/{name}", self._is_dir(f"{rel}/{name}"))
+                    self.listed_types.setdefault(f"{rel}/{name}", self.is_dir(f"{rel}/{name}"))
         return result
-
-    def _is_dir(self, rel: str) -> bool:
-        try:
-            fd = self._open(rel, os.O_PATH | os.O_NOFOLLOW)
-        except OSError:
-            return False
-        try:
-            return stat.S_ISDIR(os.fstat(fd).st_mode)
-        finally:
-            os.close(fd)
 
     def readlink(self, rel: str) -> str | Problem:
         result = super().readlink(rel)

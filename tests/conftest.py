@@ -100,6 +100,11 @@ class KvmHolder:
         self.command("close")
         self.fds = []
 
+    def close_vm(self, fd: int) -> None:
+        """Destroy the one VM held by descriptor `fd`."""
+        self.command(f"close {fd}")
+        self.fds.remove(fd)
+
     def burst(self, n: int, keep: int) -> list[int]:
         """Create n VMs as fast as possible, destroy all but the last `keep`."""
         kept = self.command(f"burst {n} {keep}")["kept"]

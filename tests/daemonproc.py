@@ -3,6 +3,11 @@
 It runs `tdx-preflight daemon` with its control socket and state file in a
 short private directory (AF_UNIX paths are limited to 108 bytes), a real
 NOTIFY_SOCKET to see READY/STATUS/WATCHDOG, and its stderr in a log file.
+
+The daemon runs in a private mount namespace in which /sys/kernel/debug is
+empty (the common production case, and CI's), whatever the machine has
+mounted; `debugfs=True` mounts debugfs there instead. Uevents, /proc and
+/dev/kvm are the machine's own either way.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,7 +33,11 @@ from tdx_preflight.daemon.client import request
 
 class DaemonProc:
     def __init__(
-        self, root: str | None = None, env: dict[str, str] | None = None, **config: Any
+        self,
+        root: str | None = None,
+        env: dict[str, str] | None = None,
+        debugfs: bool = False,
+        **config: Any,
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tdxd-", dir="/tmp"))
         self.socket = str(self.dir / "control.sock")
@@ -51,6 +61,8 @@ class DaemonProc:
         if root:
             cmd += ["--root", root]
         self.root = root or "/"
+        self.debugfs = debugfs
+        cmd = in_mount_namespace(cmd, debugfs)
         environ = {**os.environ, "NOTIFY_SOCKET": str(self.dir / "notify.sock"), **(env or {})}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -128,6 +140,58 @@ class DaemonProc:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def in_mount_namespace(cmd: list[str], debugfs: bool) -> list[str]:
+    """`cmd` run in a private mount namespace whose /sys/kernel/debug is empty
+    (debugfs False) or a fresh debugfs mount (True); the process keeps its pid
+    (unshare and sh exec into it)."""
+    if debugfs:
+        setup = "mount -t debugfs debugfs /sys/kernel/debug"
+    else:
+        setup = (
+            "if [ -d /sys/kernel/debug ]; then "
+            "mount -t tmpfs -o size=4k,mode=0755 no-debugfs /sys/kernel/debug; fi"
+        )
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-ec",
+        f'{setup}; exec "$@"',
+        "sh",
+        *cmd,
+    ]
+
+
+def debugfs_kvm_names() -> set[str]:
+    """The kernel's live VMs as debugfs names them (`TID-FD`), read in a private
+    mount namespace with debugfs mounted."""
+    out = subprocess.run(
+        in_mount_namespace(["ls", "/sys/kernel/debug/kvm"], True),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    return {n for n in out.split() if re.fullmatch(r"\d+-\d+", n)}
+
+
+def proc_kvm_vms() -> set[tuple[int, int]]:
+    """(pid, fd) of every kvm-vm descriptor on the machine, from /proc/*/fd."""
+    found: set[tuple[int, int]] = set()
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:kvm-vm":
+                    found.add((int(pid), int(fd)))
+    return found
 
 
 def entries(status: dict[str, Any], pid: int) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ remaining ARGS only decorate the command line (e.g. `-object tdx-guest,id=tdx0
 
 Commands on stdin, one per line, each answered with a JSON line:
   close          destroy every VM held                -> {"closed": N}
+  close FD       destroy the VM held by descriptor FD  -> {"closed": 1}
   burst N K      create N VMs as fast as possible,
                  then destroy all but the last K       -> {"created": N, "kept": [fds]}
 End of input exits.
@@ -60,7 +61,12 @@ def main(argv: list[str]) -> int:
     fds = list(result["fds"])  # type: ignore[call-overload]
     for line in sys.stdin:
         words = line.split()
-        if words[:1] == ["close"]:
+        if words[:1] == ["close"] and len(words) == 2:
+            fd = int(words[1])
+            fds.remove(fd)
+            os.close(fd)
+            print(json.dumps({"closed": 1}), flush=True)
+        elif words[:1] == ["close"]:
             for fd in fds:
                 os.close(fd)
             print(json.dumps({"closed": len(fds)}), flush=True)

@@ -52,7 +52,7 @@ def test_guests_text_and_json(tmp_path: Path) -> None:
     root = build(tmp_path / "root", tdx_host(processes=[td, vm], misc_current={"tdx": 1}))
     data = run_cli("guests", "--root", str(root), "--format", "json").json()
     assert data["enumeration"] == {
-        "method": "debugfs",
+        "method": "debugfs+proc",
         "complete": True,
         "problem": None,
         "notes": [],

@@ -1,11 +1,14 @@
-"""The daemon as a real process: real uevents from /dev/kvm, its real socket and state file."""
+"""The daemon as a real process: real uevents from /dev/kvm, its real socket and state file.
+
+Every daemon runs in a private mount namespace without debugfs (tests/daemonproc.py);
+the VM-tracking tests run twice, once more with debugfs mounted in that namespace.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -17,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import kvm_usable, run_cli
-from daemonproc import DaemonProc, entries
+from daemonproc import DaemonProc, debugfs_kvm_names, entries, proc_kvm_vms
 from hostbuilder import VmProc, build, qemu_td_cmdline, tdx_host
 
 from tdx_preflight.checks import CHECKS
@@ -32,14 +35,16 @@ TD_ARGS = (
 VM_ARGS = ("-accel", "kvm", "-name", "guest=plain-d,debug-threads=on")
 
 needs_kvm = pytest.mark.skipif(kvm_usable() is not None, reason=str(kvm_usable()))
+#: VM tracking is proven without debugfs (the common case) and with it.
+both_views = pytest.mark.parametrize("debugfs", [False, True], ids=["no-debugfs", "debugfs"])
 
 
 @pytest.fixture
 def daemon() -> Iterator[Any]:
     started: list[DaemonProc] = []
 
-    def start(root: str | None = None, **config: Any) -> DaemonProc:
-        d = DaemonProc(root, **config)
+    def start(root: str | None = None, debugfs: bool = False, **config: Any) -> DaemonProc:
+        d = DaemonProc(root, debugfs=debugfs, **config)
         started.append(d)
         return d
 
@@ -48,14 +53,33 @@ def daemon() -> Iterator[Any]:
         d.cleanup()
 
 
-@needs_kvm
-def test_td_and_vm_lifecycle_through_events(daemon, kvm_holder) -> None:
+def all_live(status: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for kind in ("tds", "vms", "unknown") for e in status["live"][kind]]
+
+
+def test_daemon_runs_without_debugfs_whatever_the_machine_mounts(daemon) -> None:
     d = daemon()
+    st = d.status()
+    assert st["last_reconcile"]["method"] == "proc"
+    assert "debugfs" not in st["last_reconcile"]["method"]
+
+
+@needs_kvm
+@both_views
+def test_td_and_vm_lifecycle_through_events(daemon, kvm_holder, debugfs: bool) -> None:
+    d = daemon(debugfs=debugfs)
+    assert d.status()["last_reconcile"]["method"] == ("debugfs+proc" if debugfs else "proc")
     st = d.status()
     assert st["root"] == "/" and st["verdict"] in ("allow", "block")
     td = kvm_holder(*TD_ARGS)
     vm = kvm_holder(*VM_ARGS)
-    st = d.wait_for(lambda s: entries(s, td.pid) and entries(s, vm.pid))
+    # Each VM shows with its descriptor (read from /proc when debugfs is absent).
+    st = d.wait_for(
+        lambda s: (
+            [e["vm_fd"] for e in entries(s, td.pid)] == td.fds
+            and [e["vm_fd"] for e in entries(s, vm.pid)] == vm.fds
+        )
+    )
     [t] = entries(st, td.pid)
     [v] = entries(st, vm.pid)
     assert (t["kind"], t["name"], t["created_by"]) == ("td", "td", "event")
@@ -100,66 +124,96 @@ def test_td_and_vm_lifecycle_through_events(daemon, kvm_holder) -> None:
 
 
 @needs_kvm
+@both_views
 def test_vm_created_by_a_thread_is_keyed_by_tid_and_mapped_to_its_process(
-    daemon, kvm_holder
+    daemon, kvm_holder, debugfs: bool
 ) -> None:
-    d = daemon()
+    d = daemon(debugfs=debugfs)
     h = kvm_holder(*TD_ARGS, thread=True, hold_thread=True)
     assert h.tid != h.pid
-    st = d.wait_for(lambda s: entries(s, h.pid))
+    st = d.wait_for(lambda s: any(e["vm_fd"] == h.fds[0] for e in entries(s, h.pid)))
     [e] = entries(st, h.pid)
-    assert e["tid"] == h.tid and e["kind"] == "td"
+    assert (e["tid"], e["kind"], e["created_by"]) == (h.tid, "td", "event")
+    h.close_vms()
+    st = d.wait_for(lambda s: not entries(s, h.pid))
+    [gone] = [x for x in st["recent_tds"] if x["pid"] == h.pid]
+    assert gone["destroyed_by"] == "event" and st["reconciles"] == 1
 
 
 @needs_kvm
-def test_vm_from_an_exited_thread_is_found_by_reconcile(daemon, kvm_holder) -> None:
-    d = daemon()
+@both_views
+def test_vm_from_an_exited_thread_is_found_without_help(daemon, kvm_holder, debugfs) -> None:
+    d = daemon(debugfs=debugfs)
     h = kvm_holder(*VM_ARGS, thread=True)  # the creating thread exits at once
-    st = d.wait_for(
-        lambda s: (
-            entries(s, h.pid)
-            or any(e["tid"] == h.tid for e in s["live"]["vms"] + s["live"]["unknown"])
-        )
-    )
-    d.signal(signal.SIGHUP)  # reconcile maps the orphan VM to its holder
-    st = d.wait_for(lambda s: entries(s, h.pid))
+    # No SIGHUP: when the thread cannot be mapped to its process, the daemon scans.
+    st = d.wait_for(lambda s: any(e["vm_fd"] == h.fds[0] for e in entries(s, h.pid)))
     [e] = entries(st, h.pid)
-    assert e["tid"] == h.tid and e["vm_fd"] == h.fds[0]
+    assert (e["tid"], e["kind"], e["name"]) == (h.tid, "vm", "plain-d")
+    assert len(all_live(st)) == len(proc_kvm_vms())
 
 
 @needs_kvm
-def test_vms_alive_before_start_are_seen_by_reconcile(daemon, kvm_holder) -> None:
+@both_views
+def test_vms_alive_before_start_are_seen_by_reconcile(daemon, kvm_holder, debugfs) -> None:
     h = kvm_holder(*TD_ARGS, count=2)
-    d = daemon()
+    d = daemon(debugfs=debugfs)
     st = d.status()
     found = entries(st, h.pid)
-    assert len(found) == 2
+    assert sorted(e["vm_fd"] for e in found) == sorted(h.fds)
     assert all(
         e["created_by"] == "reconcile" and "seen by reconcile" in e["evidence"] for e in found
     )
     h.close_vms()
     st = d.wait_for(lambda s: not entries(s, h.pid))
     assert {e["destroyed_by"] for e in st["recent_tds"] if e["pid"] == h.pid} == {"event"}
+    assert st["reconciles"] == 1  # the events alone kept the ledger right
 
 
 @needs_kvm
-def test_burst_overflowing_a_small_buffer_ends_with_the_kernels_truth(daemon, kvm_holder) -> None:
-    d = daemon(uevent_rcvbuf=4096)
+@both_views
+def test_a_destroy_event_removes_exactly_that_vm_not_a_neighbour(
+    daemon, kvm_holder, debugfs
+) -> None:
+    h = kvm_holder(*TD_ARGS, count=3)  # found by the first reconcile, not by events
+    d = daemon(debugfs=debugfs)
+    assert sorted(e["vm_fd"] for e in entries(d.status(), h.pid)) == sorted(h.fds)
+    middle = sorted(h.fds)[1]
+    h.close_vm(middle)
+    st = d.wait_for(lambda s: len(entries(s, h.pid)) == 2)
+    assert sorted(e["vm_fd"] for e in entries(st, h.pid)) == sorted(h.fds)
+    [gone] = [e for e in st["recent_tds"] if e["pid"] == h.pid]
+    assert (gone["vm_fd"], gone["destroyed_by"]) == (middle, "event")
+    # A VM made afterwards by the same process is told apart from its neighbours too.
+    [new] = h.burst(1, 1)
+    st = d.wait_for(lambda s: any(e["vm_fd"] == new for e in entries(s, h.pid)))
+    assert sorted(e["vm_fd"] for e in entries(st, h.pid)) == sorted(h.fds)
+    h.close_vm(new)
+    st = d.wait_for(lambda s: len(entries(s, h.pid)) == 2)
+    assert sorted(e["vm_fd"] for e in entries(st, h.pid)) == sorted(h.fds)
+    assert st["reconciles"] == 1 and st["resyncs"] == 0
+
+
+@needs_kvm
+@both_views
+def test_burst_through_a_small_buffer_ends_with_the_kernels_truth(
+    daemon, kvm_holder, debugfs
+) -> None:
+    # 1,000 creates and 990 destroys through a 4 KiB buffer: the kernel may or may
+    # not drop events. Either way the ledger must end equal to the kernel's VMs.
+    d = daemon(debugfs=debugfs, uevent_rcvbuf=4096)
     h = kvm_holder(*VM_ARGS, count=0)
     kept = h.burst(1000, 10)
-    want = sorted(kept)
 
     def settled(s: dict[str, Any]) -> bool:
-        return sorted(e["vm_fd"] for e in entries(s, h.pid)) == want and s["resyncs"] >= 1
+        return {(e["pid"], e["vm_fd"]) for e in all_live(s)} == proc_kvm_vms()
 
     st = d.wait_for(settled, timeout=30)
-    assert "uevents lost" in d.log()
-    # The whole live set equals the kernel's: one debugfs directory per live VM.
-    kvm_dir = "/sys/kernel/debug/kvm"
-    if os.path.isdir(kvm_dir):
-        truth = {n for n in os.listdir(kvm_dir) if re.fullmatch(r"\d+-\d+", n)}
-        live = [e for kind in ("tds", "vms", "unknown") for e in st["live"][kind]]
-        assert {f"{e['tid']}-{e['vm_fd']}" for e in live} == truth
+    assert sorted(e["vm_fd"] for e in entries(st, h.pid)) == sorted(kept)
+    if debugfs:
+        assert {f"{e['tid']}-{e['vm_fd']}" for e in all_live(st)} == debugfs_kvm_names()
+    # Lost events are always noticed and logged: no resync without its log line.
+    assert (st["resyncs"] >= 1) == ("uevents lost" in d.log())
+    print(f"burst with debugfs={debugfs}: {st['resyncs']} resyncs, {st['events']} events")
 
 
 def test_control_socket_refuses_bad_requests_and_keeps_serving(daemon) -> None:

@@ -476,6 +476,12 @@ def expected(file_key: str, cls: str, base: str, phase: str) -> tuple[Expect, st
             f"kernel.kexec crash {status}: kexec_crash_size "
             + ("absent" if cls == "absent" else "unreadable"),
         )
+    if file_key == "pid_fd" and cls != "empty_dir":
+        return (
+            {"guests.vm": _s("unknown")},
+            "a process whose fd directory cannot be listed, and has not gone, makes VM "
+            "enumeration incomplete: guests.vm unknown (the TD is still found by debugfs)",
+        )
     # Sources with redundant evidence, evidence-only files, and VM details of a TD
     # that three other sources identify.
     reasons = {
@@ -494,7 +500,7 @@ def expected(file_key: str, cls: str, base: str, phase: str) -> tuple[Expect, st
         "pid_cmdline": "the TD is td on other positive evidence",
         "pid_comm": "the name only",
         "pid_cgroup": "the TD is td on other positive evidence",
-        "pid_fd": "debugfs enumerates the VM",
+        "pid_fd": "an empty fd directory: the TD is still found by debugfs",
         "libvirt_xml": "the TD is td on other positive evidence",
     }
     return {}, reasons[file_key]

@@ -321,7 +321,10 @@ def test_archive_members_are_root_owned_and_relative(captured: Results) -> None:
     assert members and all(m.uid == 0 and m.gid == 0 for m in members)
     assert not any(m.name.startswith("/") or ".." in m.name.split("/") for m in members)
     assert "SNAPSHOT.json" in {m.name for m in members}
-    assert {m.name for m in members if m.issym()} == set()  # debugfs path: no fd links read
+    # The only links are the VM holder's kvm-vm descriptors (the /proc half of enumeration).
+    assert {(m.name, m.linkname) for m in members if m.issym()} == {
+        ("proc/4242/fd/12", "anon_inode:kvm-vm")
+    }
 
 
 def test_snapshot_of_this_machine_replays_the_live_verdict(tmp_path: Path) -> None:

@@ -1,16 +1,19 @@
 """The VM ledger: every KVM VM the daemon has seen, from creation to teardown.
 
-Entries are keyed by the creating thread and the VM's file descriptor, the
-same `TID-FD` pair that names the VM's debugfs directory and its uevents'
-STATS_PATH. A VM that only a /proc scan found (no debugfs) has no tid; it is
-matched by (pid, fd).
+A VM is known by its holding process and file descriptor, and by the thread
+that created it when that is known: debugfs and a uevent's STATS_PATH name
+`TID-FD`, a /proc scan gives PID and FD, and a uevent's PID (a thread id) is
+mapped to its process through proc/TID/status at event time. Nothing depends
+on debugfs: without it, the descriptor of a VM that an event announced is
+read from the process's /proc/PID/fd, and a destroy event removes the entry
+whose descriptor is gone from its process.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,30 +102,65 @@ class Entry:
         }
 
 
+def _same(e: Entry, tid: int | None, pid: int | None) -> bool:
+    """Can entry `e` be the VM that task `tid` of process `pid` created?
+
+    The creating thread decides when both are known (a reused descriptor number
+    in the same process may belong to a VM another thread made); otherwise the
+    holding process does.
+    """
+    if tid is not None and e.tid is not None:
+        return e.tid == tid
+    return pid is not None and e.pid == pid
+
+
+class _Index:
+    """Entries by (tid, fd) and by (pid, fd), for matching many VMs at once."""
+
+    def __init__(self, entries: Iterable[Entry]) -> None:
+        self.keys: dict[tuple[str, int | None, int | None], list[Entry]] = {}
+        for e in entries:
+            if e.tid is not None:
+                self.keys.setdefault(("t", e.tid, e.vm_fd), []).append(e)
+            if e.pid is not None:
+                self.keys.setdefault(("p", e.pid, e.vm_fd), []).append(e)
+
+    def find(
+        self, tid: int | None, pid: int | None, vm_fd: int, among: dict[Entry, None]
+    ) -> Entry | None:
+        """The entry in `among` that is this VM (same descriptor, same creator or holder)."""
+        for key in (("t", tid, vm_fd), ("p", pid, vm_fd)):
+            for e in self.keys.get(key, ()):
+                if e in among and _same(e, tid, pid):
+                    return e
+        return None
+
+
+#: fds_of(pid, fresh): the kvm-vm descriptors of a process, None when it has gone,
+#: or a Problem when they cannot be listed; `fresh` asks for a new scan.
+FdsOf = Callable[[int, bool], "frozenset[int] | Problem | None"]
+
+
 class VmLedger:
+    """The live VMs and the recent history, kept by uevents and reconciles.
+
+    A VM's identity is (pid, vm_fd) with the creating tid when known: debugfs
+    and STATS_PATH give TID-FD, a /proc scan gives PID and FD, a uevent gives
+    the TID (mapped to its process through proc/TID/status at event time).
+    Entries carry whatever is known and are completed as more is seen.
+    """
+
     def __init__(self) -> None:
         self.live: list[Entry] = []
         self.history: deque[Entry] = deque(maxlen=HISTORY)
 
     # -- lookups -----------------------------------------------------------------
 
-    def find_live(self, tid: int | None, vm_fd: int | None, pid: int | None = None) -> Entry | None:
-        for e in self.live:
-            if tid is not None and e.tid == tid and (vm_fd is None or e.vm_fd in (vm_fd, None)):
-                return e
-            if tid is None and pid is not None and e.pid == pid and e.vm_fd in (vm_fd, None):
-                return e
-        return None
-
     def _recently_destroyed(self, h: VmHandle, now: float) -> bool:
         for e in reversed(self.history):
             if e.destroyed_at is None or now - e.destroyed_at > DESTROY_GRACE:
                 break
-            if (
-                e.destroyed_by == "event"
-                and e.vm_fd == h.vm_fd
-                and ((h.tid is not None and e.tid == h.tid) or (h.tid is None and e.pid == h.pid))
-            ):
+            if e.destroyed_by == "event" and e.vm_fd == h.vm_fd and _same(e, h.tid, h.pid):
                 return True
         return False
 
@@ -132,6 +170,9 @@ class VmLedger:
 
     def live_tds(self) -> list[Entry]:
         return [e for e in self.live if e.kind == "td"]
+
+    def claimed_fds(self, pid: int) -> set[int]:
+        return {e.vm_fd for e in self.live if e.pid == pid and e.vm_fd is not None}
 
     def view(self) -> LedgerView:
         """What checks read: the TDs created and never destroyed."""
@@ -161,69 +202,175 @@ class VmLedger:
         self.live.remove(entry)
         self.history.append(entry)
 
+    def event_create(
+        self,
+        tid: int,
+        pid: int | None,
+        vm_fd: int | None,
+        *,
+        count: int | None,
+        serial: int | None,
+        fds: frozenset[int] | None,
+    ) -> tuple[Entry, bool]:
+        """Apply a create uevent; returns (entry, True when it is new to the ledger).
+
+        `vm_fd` is the event's (from STATS_PATH) or None; `fds` are the process's
+        kvm-vm descriptors read now (None when unknown). A VM that a reconcile
+        already found (the reconcile ran while the event was queued) is adopted,
+        not added twice: the event's COUNT says whether the ledger already holds
+        it, and a descriptor of the process that no entry claims says it does not.
+        """
+        unclaimed: list[int] = []
+        if vm_fd is None and fds is not None and pid is not None:
+            unclaimed = sorted(fds - self.claimed_fds(pid))
+        if vm_fd is not None or not unclaimed:
+            adoptable = [
+                e
+                for e in self.live
+                if (vm_fd is None or e.vm_fd == vm_fd)
+                and e.serial is None
+                and e.created_by == "reconcile"
+                and _same(e, tid, pid)
+            ]
+            exact = vm_fd is not None and bool(adoptable)
+            if adoptable and (exact or (count is not None and self.live_count >= count)):
+                e = adoptable[-1]
+                e.tid = e.tid if e.tid is not None else tid
+                e.pid = e.pid if e.pid is not None else pid
+                e.serial = serial
+                return e, False
+        fd = vm_fd if vm_fd is not None else (unclaimed[0] if unclaimed else None)
+        return self.create(tid, fd, pid, by="event", serial=serial), True
+
+    def event_destroy(
+        self, tid: int, pid: int | None, vm_fd: int | None, *, count: int | None, fds_of: FdsOf
+    ) -> Entry | None:
+        """Apply a destroy uevent; returns the entry removed, or None.
+
+        None means the ledger holds no entry the event can name: the VM already
+        left by a reconcile (the event's COUNT says so), or the match is
+        ambiguous and a reconcile must decide. Without the event's descriptor,
+        the VM is the candidate whose kvm-vm descriptor is gone from its process
+        (a destroy follows the last close): a neighbour in the same process that
+        still holds its descriptor is never removed.
+        """
+        cands = [e for e in self.live if _same(e, tid, pid)]
+        if vm_fd is not None:
+            exact = [e for e in cands if e.vm_fd == vm_fd]
+            if exact:
+                self.destroy(exact[0], by="event")
+                return exact[0]
+            cands = [e for e in cands if e.vm_fd is None]
+        if count is not None and self.live_count <= count:
+            return None
+        cands.sort(key=lambda e: e.tid != tid)  # the creating thread's own first
+        for fresh in (False, True):
+            for e in cands:
+                if e.vm_fd is None or e.pid is None:
+                    continue
+                fds = fds_of(e.pid, fresh)
+                if fds is None or (isinstance(fds, frozenset) and e.vm_fd not in fds):
+                    self.destroy(e, by="event")
+                    return e
+        for e in cands:
+            if e.vm_fd is None:  # never seen with a descriptor: the event can only be its
+                self.destroy(e, by="event")
+                return e
+        return None
+
+    def fill_fds(self, pid: int, fds: frozenset[int]) -> int:
+        """Give the process's entries without a descriptor its unclaimed kvm-vm ones."""
+        unclaimed = sorted(fds - self.claimed_fds(pid))
+        filled = 0
+        for e in self.live:
+            if not unclaimed:
+                break
+            if e.pid == pid and e.vm_fd is None:
+                e.vm_fd = unclaimed.pop(0)
+                filled += 1
+        return filled
+
+    def wanting_fds(self) -> set[int]:
+        """Processes with live entries whose descriptor is not known yet."""
+        return {e.pid for e in self.live if e.vm_fd is None and e.pid is not None}
+
+    @staticmethod
+    def _take(unmatched: dict[Entry, None], e: Entry, h: VmHandle) -> None:
+        del unmatched[e]
+        e.vm_fd = h.vm_fd
+        e.pid = e.pid if e.pid is not None else h.pid
+        e.tid = e.tid if e.tid is not None else h.tid
+
     def reconcile(
-        self, handles: Iterable[VmHandle], method: str, now: float | None = None
+        self,
+        handles: Iterable[VmHandle],
+        method: str,
+        now: float | None = None,
+        complete: bool = True,
     ) -> tuple[int, int, int]:
         """Make the live set equal the enumeration; returns (added, removed, deferred).
 
-        `deferred` counts the VMs left as they are for now because the kernel may
-        not have finished creating or destroying them (see the graces above); the
-        caller reconciles again after the grace.
+        Each handle is matched to an entry in passes: the same VM (descriptor
+        and creator or holder); an entry that lacks its descriptor; an entry
+        whose creating thread exited before it could be mapped to a process
+        (same descriptor first). `deferred` counts the VMs left as they are for now because the
+        kernel may not have finished creating or destroying them (see the graces
+        above); the caller reconciles again after the grace. An incomplete
+        enumeration (`complete` False: some process's descriptors could not be
+        listed) adds and completes entries but removes none: what was not seen
+        is not gone.
         """
         now = time.time() if now is None else now
-        unmatched = list(self.live)
-        added = deferred = 0
+        unmatched = dict.fromkeys(self.live)  # ordered, O(1) removal
+        index = _Index(self.live)
+        rest: list[VmHandle] = []
         for h in handles:
-            e = self._match(unmatched, h)
-            if e is not None:
-                unmatched.remove(e)
-                e.pid = e.pid if e.pid is not None else h.pid
-                e.vm_fd = e.vm_fd if e.vm_fd is not None else h.vm_fd
-                continue
-            if method == "debugfs" and self._recently_destroyed(h, now):
-                deferred += 1
+            e = index.find(h.tid, h.pid, h.vm_fd, unmatched)
+            if e is None:
+                rest.append(h)
+            else:
+                self._take(unmatched, e, h)
+        fallbacks: list[Callable[[Entry, VmHandle], bool]] = [
+            lambda e, h: e.vm_fd is None and _same(e, h.tid, h.pid),
+            # Its creating thread exited before it could be mapped to a process.
+            lambda e, h: e.pid is None and e.vm_fd == h.vm_fd and h.tid in (None, e.tid),
+            lambda e, h: e.pid is None and e.vm_fd is None and h.tid in (None, e.tid),
+        ]
+        for fits in fallbacks:
+            left: list[VmHandle] = []
+            for h in rest:
+                e = next((e for e in unmatched if fits(e, h)), None)
+                if e is None:
+                    left.append(h)
+                else:
+                    self._take(unmatched, e, h)
+            rest = left
+        added = deferred = 0
+        for h in rest:
+            if "/proc/" not in h.source and self._recently_destroyed(h, now):
+                deferred += 1  # debugfs outlives the destroy event for a moment
                 continue
             entry = self.create(h.tid, h.vm_fd, h.pid, by="reconcile", now=now)
             entry.evidence.append("seen by reconcile")
             added += 1
         removed = 0
-        for e in unmatched:
-            if method == "proc" and e.created_by == "event" and now - e.created_at < CREATE_GRACE:
-                deferred += 1
+        for e in unmatched if complete else ():
+            young = e.created_by == "event" and now - e.created_at < CREATE_GRACE
+            if young and (e.vm_fd is None or "debugfs" not in method):
+                deferred += 1  # its descriptor may not be installed yet
                 continue
             self.destroy(e, by="reconcile", now=now)
             removed += 1
         return added, removed, deferred
-
-    @staticmethod
-    def _match(entries: list[Entry], h: VmHandle) -> Entry | None:
-        for e in entries:
-            if h.tid is not None and e.tid is not None:
-                if e.tid == h.tid and e.vm_fd in (h.vm_fd, None):
-                    return e
-            elif e.pid is not None and e.pid == h.pid and e.vm_fd in (h.vm_fd, None):
-                return e
-        return None
 
     def classify(self, guests: Iterable[Guest]) -> bool:
         """Take kinds, names and evidence from a classification; True when a kind changed.
 
         A VM once seen as a TD stays one: the evidence for it only grows.
         """
-        by_tid = {(e.tid, e.vm_fd): e for e in self.live if e.tid is not None}
-        by_pid = {(e.pid, e.vm_fd): e for e in self.live if e.pid is not None}
         changed = False
         for g in guests:
-            e = by_tid.get((g.tid, g.vm_fd)) if g.tid is not None else None
-            e = (
-                e
-                or by_pid.get((g.pid, g.vm_fd))
-                or (
-                    self._match(self.live, VmHandle(g.tid, g.vm_fd, g.pid, ""))
-                    if g.tid is None
-                    else None
-                )
-            )
+            e = next((e for e in self.live if e.vm_fd == g.vm_fd and _same(e, g.tid, g.pid)), None)
             if e is None:
                 continue
             if e.kind != "td" and g.kind != e.kind:

@@ -37,6 +37,9 @@ DEBOUNCE = 0.05
 MAX_DELAY = 0.5
 #: Reconciles closer together than this are merged.
 RECONCILE_SPACING = 0.2
+#: A VM announced by a uevent before its descriptor was installed: read the
+#: process's descriptors again after these delays, then leave it to a reconcile.
+FD_FILL_DELAYS = (0.002, 0.01, 0.05, 0.25, 1.0)
 #: After a TD is destroyed, re-read misc.current at these delays to confirm teardown.
 TEARDOWN_CHECKS = (0.05, 0.2, 1.0, 3.0, 10.0, 30.0)
 
@@ -85,6 +88,8 @@ class Daemon:
         self._state_wanted = asyncio.Event()
         self._inhibitor: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._fd_cache: dict[int, frozenset[int] | Problem | None] = {}
+        self._fill_pending = False
         self._boot_id: str | None = None
         #: Bumped on every change; status replies reuse the report of the same version.
         self._version = 0
@@ -193,36 +198,87 @@ class Daemon:
                 self._changed()
 
     def apply(self, ev: KvmEvent) -> None:
+        """Apply one KVM uevent to the ledger (DESIGN.md "The agent").
+
+        The event's PID is the creating thread: it is mapped to its process
+        now, while the thread may still exist. Without debugfs the event has no
+        descriptor: the process's kvm-vm descriptors are read from /proc (once
+        per burst, see _fds_of) to name the VM created or destroyed.
+        """
         self.events += 1
+        pid = kvm.tgid_of(self.host, ev.tid)
+        pid = pid if isinstance(pid, int) else None
         if ev.event == "create":
-            entry = self.ledger.find_live(ev.tid, ev.vm_fd)
-            if entry is None:
-                pid = kvm.tgid_of(self.host, ev.tid)
-                entry = self.ledger.create(
-                    ev.tid,
-                    ev.vm_fd,
-                    pid if isinstance(pid, int) else None,
-                    by="event",
-                    serial=ev.created,
-                )
+            fds = None
+            if ev.vm_fd is None and pid is not None:
+                got = self._fds_of(pid, False)
+                if isinstance(got, frozenset) and not (got - self.ledger.claimed_fds(pid)):
+                    got = self._fds_of(pid, True)
+                fds = got if isinstance(got, frozenset) else None
+            entry, new = self.ledger.event_create(
+                ev.tid, pid, ev.vm_fd, count=ev.count, serial=ev.created, fds=fds
+            )
+            if new:
                 self._classify_new(entry)
-            else:
-                entry.serial = ev.created
+            if entry.pid is None:
+                # The creating thread exited before it could be mapped: a scan finds it.
+                self.request_reconcile(f"creating thread {ev.tid} has exited")
+            elif entry.vm_fd is None:
+                self._schedule_fd_fill()
             log.info(
-                "VM created: %s %s (tid %d fd %s)", entry.kind, entry.label(), ev.tid, ev.vm_fd
+                "VM created: %s %s (tid %d fd %s)", entry.kind, entry.label(), ev.tid, entry.vm_fd
             )
         else:
-            entry = self.ledger.find_live(ev.tid, ev.vm_fd)
-            if entry is not None:
-                self.ledger.destroy(entry, by="event")
-                log.info("VM destroyed: %s %s", entry.kind, entry.label())
-                if entry.kind == "td":
+            gone = self.ledger.event_destroy(
+                ev.tid, pid, ev.vm_fd, count=ev.count, fds_of=self._fds_of
+            )
+            if gone is not None:
+                log.info("VM destroyed: %s %s (fd %s)", gone.kind, gone.label(), gone.vm_fd)
+                if gone.kind == "td":
                     self._schedule_teardown_checks()
         if ev.count is not None and ev.count != self.ledger.live_count:
             self.request_reconcile(
                 f"COUNT {ev.count} from the kernel, {self.ledger.live_count} in the ledger"
             )
         self._changed()
+
+    def _fds_of(self, pid: int, fresh: bool) -> frozenset[int] | Problem | None:
+        """The kvm-vm descriptors of `pid` (None when it has gone), scanned at most
+        once per turn of the event loop unless `fresh`: a burst of events for one
+        process costs one scan of its descriptors, not one per event."""
+        if not fresh and pid in self._fd_cache:
+            return self._fd_cache[pid]
+        got = kvm.vm_fds(self.host, pid)
+        value = None if isinstance(got, Problem) and got.kind == "absent" else got
+        if not self._fd_cache:
+            asyncio.get_running_loop().call_soon(self._fd_cache.clear)
+        self._fd_cache[pid] = value
+        return value
+
+    def _schedule_fd_fill(self) -> None:
+        if self._fill_pending:
+            return
+        self._fill_pending = True
+        asyncio.get_running_loop().call_later(FD_FILL_DELAYS[0], self._fill_fds, 0)
+
+    def _fill_fds(self, attempt: int) -> None:
+        """Read the descriptors of VMs announced before the kernel installed them."""
+        self._fill_pending = False
+        filled = 0
+        for pid in self.ledger.wanting_fds():
+            fds = self._fds_of(pid, True)
+            if isinstance(fds, frozenset):
+                filled += self.ledger.fill_fds(pid, fds)
+        if filled:
+            self._changed()
+        if self.ledger.wanting_fds():
+            if attempt + 1 < len(FD_FILL_DELAYS):
+                self._fill_pending = True
+                asyncio.get_running_loop().call_later(
+                    FD_FILL_DELAYS[attempt + 1], self._fill_fds, attempt + 1
+                )
+            else:
+                self.request_reconcile("VM descriptors not found in /proc")
 
     def _classify_new(self, entry: Entry) -> None:
         """Positive TD evidence now; the debounced refresh classifies the rest."""
@@ -235,7 +291,7 @@ class Daemon:
         )
         entry.name = g.name
         entry.evidence = ["uevent create", *g.evidence[1:]]
-        if g.kind == "td":
+        if g.kind == "td" or entry.kind == "td":  # a TD stays one
             entry.kind = "td"
         else:
             # Without positive evidence on a TDX host the root misc count decides (refresh).
@@ -263,8 +319,12 @@ class Daemon:
                 "error": str(enumeration.problem),
             }
             return
-        before = {id(e) for e in self.ledger.live}
-        added, removed, deferred = self.ledger.reconcile(enumeration.vms, enumeration.method)
+        before = {id(e): e.pid for e in self.ledger.live}
+        added, removed, deferred = self.ledger.reconcile(
+            enumeration.vms, enumeration.method, complete=enumeration.complete
+        )
+        if enumeration.problem is not None:
+            log.warning("reconcile (%s): incomplete, nothing removed: %s", why, enumeration.problem)
         if deferred:
             asyncio.get_running_loop().call_later(
                 CREATE_GRACE + 0.1, self.request_reconcile, "deferred VMs"
@@ -273,6 +333,9 @@ class Daemon:
             if id(e) not in before:
                 self._classify_new(e)
                 e.evidence.append("seen by reconcile")
+            elif before[id(e)] is None and e.pid is not None:
+                self._classify_new(e)  # its process is known only now
+                e.evidence.append(f"holder pid {e.pid} found by reconcile")
         self.reconciles += 1
         self.last_reconcile = {
             "at": rfc3339(time.time()),

@@ -1,4 +1,4 @@
-"""KVM VMs: enumeration (debugfs, else /proc/*/fd) and TD classification.
+"""KVM VMs: enumeration (debugfs and /proc/*/fd together) and TD classification.
 
 The rules are DESIGN.md's "VM enumeration" and "Classification of each VM".
 """
@@ -21,9 +21,9 @@ _DEBUGFS_ENTRY = re.compile(r"(\d{1,10})-(\d{1,10})")
 class VmHandle(NamedTuple):
     """One live VM as enumeration found it."""
 
-    tid: int | None  # the creating task (debugfs); None from the /proc scan
+    tid: int | None  # the creating task (debugfs); None when only the /proc scan saw it
     vm_fd: int
-    pid: int | None  # the process holding it; None when the creating thread is gone
+    pid: int | None  # the holding process; None when debugfs alone saw it and its thread is gone
     source: str
 
 
@@ -93,36 +93,48 @@ def tgid_of(host: Host, tid: int) -> int | Problem:
     return tgid
 
 
-def _from_debugfs(host: Host, names: list[str]) -> Enumeration:
+def vm_fds(host: Host, pid: int) -> frozenset[int] | Problem:
+    """The descriptors of process `pid` whose links read `anon_inode:kvm-vm`.
+
+    Problem kind "absent" only when the process has gone (proc/PID no longer
+    exists); any other kind means the descriptors could not be listed
+    (permission, I/O, an fd entry that is not a directory while the process
+    lives).
+    """
+    rel = f"proc/{pid}/fd"
+    fds = host.listdir(rel)
+    if isinstance(fds, Problem):
+        if fds.kind == "absent" and host.exists(f"proc/{pid}"):
+            return Problem(
+                "malformed", fds.path, "not a listable directory while the process exists"
+            )
+        return fds
+    found: set[int] = set()
+    for fd in fds:
+        if host.readlink(f"{rel}/{fd}") == KVM_VM_LINK and (n := parse_uint(fd, 10)) is not None:
+            found.add(n)
+    return frozenset(found)
+
+
+def _from_debugfs(host: Host, names: list[str]) -> tuple[list[VmHandle], list[str], list[str]]:
+    """Handles for the debugfs kvm directories; (handles, unparsable names, notes).
+
+    A handle's pid is None when its creating thread has exited: the /proc scan
+    finds the holder (see _union).
+    """
     vms: list[VmHandle] = []
-    notes: list[str] = []
-    orphans: list[tuple[int, int, str]] = []
+    bad: list[str] = []
     for name in sorted(names):
         m = _DEBUGFS_ENTRY.fullmatch(name)
         if not m:
+            # kvm/ also holds the global statistics files; a VM's entry is a directory.
+            if host.is_dir(f"{DEBUGFS_KVM}/{name}"):
+                bad.append(name)
             continue
         tid, fd = int(m.group(1)), int(m.group(2))
         pid = tgid_of(host, tid)
-        if isinstance(pid, Problem):
-            orphans.append((tid, fd, name))
-            continue
-        vms.append(VmHandle(tid, fd, pid, f"debugfs kvm/{name}"))
-    if orphans:
-        # The creating thread has exited: find the holder among the processes with a
-        # kvm-vm descriptor of that number that no resolved entry accounts for.
-        claimed = {(v.pid, v.vm_fd) for v in vms}
-        scan = _from_proc(host)
-        free = [v for v in scan.vms if (v.pid, v.vm_fd) not in claimed]
-        for tid, fd, name in orphans:
-            match = [v for v in free if v.vm_fd == fd]
-            pid = match[0].pid if len(match) == 1 else None
-            if pid is None:
-                notes.append(f"VM {name}: creating thread {tid} has exited; holder not found")
-            else:
-                free.remove(match[0])
-                notes.append(f"VM {name}: creating thread {tid} has exited; held by {pid}")
-            vms.append(VmHandle(tid, fd, pid, f"debugfs kvm/{name}"))
-    return Enumeration("debugfs", tuple(vms), None, tuple(notes))
+        vms.append(VmHandle(tid, fd, pid if isinstance(pid, int) else None, f"debugfs kvm/{name}"))
+    return vms, bad, []
 
 
 def _from_proc(host: Host) -> Enumeration:
@@ -130,39 +142,92 @@ def _from_proc(host: Host) -> Enumeration:
     if isinstance(entries, Problem):
         return Enumeration(None, (), entries)
     vms: list[VmHandle] = []
-    denied: list[int] = []
+    failed: list[tuple[int, Problem]] = []
     for entry in entries:
         pid = parse_uint(entry, 10)
         if pid is None:
             continue
-        fds = host.listdir(f"proc/{entry}/fd")
+        fds = vm_fds(host, pid)
         if isinstance(fds, Problem):
-            if fds.kind == "permission":
-                denied.append(pid)
-            continue  # absent: the process exited meanwhile
-        for fd in fds:
-            target = host.readlink(f"proc/{entry}/fd/{fd}")
-            if target == KVM_VM_LINK and (n := parse_uint(fd, 10)) is not None:
-                vms.append(VmHandle(None, n, pid, f"/proc/{pid}/fd/{fd} -> {KVM_VM_LINK}"))
+            if fds.kind != "absent":  # absent: the process exited meanwhile
+                failed.append((pid, fds))
+            continue
+        vms.extend(
+            VmHandle(None, n, pid, f"/proc/{pid}/fd/{n} -> {KVM_VM_LINK}") for n in sorted(fds)
+        )
     problem = None
-    if denied:
+    if failed:
+        pid, first = failed[0]
+        need = ""
+        if first.kind == "permission":
+            need = "; needs CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE"
         problem = Problem(
-            "permission",
+            first.kind,
             host.display("proc/PID/fd"),
-            f"cannot list the file descriptors of {len(denied)} processes "
-            f"(e.g. {denied[0]}); needs CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE",
+            f"cannot list the file descriptors of {len(failed)} processes "
+            f"(e.g. {pid}: {first.detail}){need}",
         )
     return Enumeration("proc", tuple(sorted(vms, key=lambda v: (v.pid or 0, v.vm_fd))), problem)
 
 
+def _union(debugfs: list[VmHandle], proc: tuple[VmHandle, ...]) -> tuple[list[VmHandle], list[str]]:
+    """One handle per VM from both sources (DESIGN.md "VM enumeration").
+
+    A debugfs directory TID-FD and a /proc descriptor FD of TID's process are one
+    VM. A directory whose creating thread has exited is matched to the one
+    unaccounted kvm-vm descriptor with that number, when there is exactly one.
+    """
+    by_key = {(v.pid, v.vm_fd): v for v in proc}
+    out: list[VmHandle] = []
+    orphans: list[VmHandle] = []
+    notes: list[str] = []
+    for d in debugfs:
+        if d.pid is None:
+            orphans.append(d)
+            continue
+        p = by_key.pop((d.pid, d.vm_fd), None)
+        out.append(d if p is None else d._replace(source=f"{d.source}; {p.source}"))
+    for d in orphans:
+        match = [v for v in by_key.values() if v.vm_fd == d.vm_fd]
+        name = d.source.removeprefix("debugfs ")
+        if len(match) == 1:
+            [p] = match
+            del by_key[(p.pid, p.vm_fd)]
+            notes.append(f"VM {name}: creating thread {d.tid} has exited; held by {p.pid}")
+            out.append(d._replace(pid=p.pid, source=f"{d.source}; {p.source}"))
+        else:
+            notes.append(f"VM {name}: creating thread {d.tid} has exited; holder not found")
+            out.append(d)
+    out.extend(by_key.values())  # in /proc only: debugfs lacks them (duplicate names)
+    return out, notes
+
+
 def enumerate_vms(host: Host) -> Enumeration:
-    """debugfs kvm directories when listable, else a scan of proc/*/fd."""
+    """The union of the debugfs kvm directories and a scan of proc/*/fd.
+
+    Either source alone still enumerates (method "debugfs" or "proc"); an
+    unparsable debugfs name or a process whose descriptors cannot be listed
+    makes the enumeration incomplete (`problem` set); neither source: method None.
+    """
     names = host.listdir(DEBUGFS_KVM)
-    if isinstance(names, list):
-        return _from_debugfs(host, names)
-    result = _from_proc(host)
-    note = f"debugfs not used: {names}"
-    return Enumeration(result.method, result.vms, result.problem, (*result.notes, note))
+    proc = _from_proc(host)
+    if isinstance(names, Problem):
+        note = f"debugfs not used: {names}"
+        return Enumeration(proc.method, proc.vms, proc.problem, (*proc.notes, note))
+    debugfs, bad, notes = _from_debugfs(host, names)
+    problem = proc.problem
+    if bad:
+        problem = Problem(
+            "malformed",
+            host.display(DEBUGFS_KVM),
+            f"{len(bad)} directories are not named TID-FD (e.g. {bad[0]!r})",
+        )
+    if proc.method is None:
+        assert proc.problem is not None
+        notes.append(f"/proc scan not used: {proc.problem}")
+        return Enumeration("debugfs", tuple(debugfs), problem, tuple(notes))
+    vms, more = _union(debugfs, proc.vms)
+    return Enumeration("debugfs+proc", tuple(vms), problem, (*notes, *more))
 
 
 def read_process(host: Host, pid: int) -> Process:
