@@ -141,9 +141,10 @@ def test_an_option_given_twice_is_a_usage_error(name: str, tmp_path: Path) -> No
     ("name", "opt"),
     [(n, o) for n in _command_names() for o in (_an_option(n), "--config") if o in _options(n)],
 )
-def test_an_empty_path_is_a_usage_error(name: str, opt: str) -> None:
-    run = run_cli(name, opt, "", timeout=30)
+def test_an_empty_path_is_a_usage_error(name: str, opt: str, tmp_path: Path) -> None:
+    run = run_cli(name, opt, "", timeout=30, cwd=tmp_path)
     assert run.code == 2 and f"Invalid value for '{opt}': must not be empty" in run.stderr
+    assert not any(tmp_path.iterdir())  # an empty --prefix installed nothing here
 
 
 def test_root_then_an_empty_root_does_not_check_slash(tmp_path: Path) -> None:
