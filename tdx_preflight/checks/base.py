@@ -9,6 +9,8 @@ from ..facts import HostFacts
 
 PHASES = ("load", "exec", "crash")
 STATUSES = ("pass", "warn", "fail", "unknown", "skip")
+
+
 class Outcome(NamedTuple):
     """What a check function returns."""
 
