@@ -30,8 +30,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-#: Phases in the order the gate checks and reports them.
-ALL_PHASES = ("load", "exec", "crash")
+from .checks import PHASES as ALL_PHASES  # the order the gate checks and reports them
 
 # What an option does to main()'s state (kexec/kexec.c). None: a modifier (syscall choice,
 # loader arguments, debug): it changes how, never whether, a kernel is loaded or executed.
@@ -43,6 +42,8 @@ LOAD_OTHER, JUMP_BACK = "load-other", "jump-back"
 
 
 class KexecOption(NamedTuple):
+    """One row of kexec-tools' option table."""
+
     takes_value: bool
     action: str | None
     #: getopt's `val`: names that share it are one option (--append, --command-line).
