@@ -15,8 +15,6 @@ from conftest import kvm_usable, run_cli, statuses
 from daemonproc import DaemonProc, entries
 from hostbuilder import HostSpec, VmProc, build, config_text, qemu_td_cmdline, tdx_host
 
-from tdx_preflight.gate import parse_kexec_args
-
 RELEASE = "6.18.2-1-amd64"
 
 
@@ -41,28 +39,7 @@ def gate_root(tmp_path: Path, spec: HostSpec | None = None, **images: bytes) -> 
 
 
 def hook(root: Path, phase: str, *kexec: str, opts: tuple[str, ...] = ()) -> Any:
-    return run_cli("hook", "--root", str(root), *opts, phase, "--", *kexec)
-
-
-# -- kexec arguments --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("args", "phase", "image"),
-    [
-        (["-l", "/boot/vmlinuz", "--initrd=/boot/initrd.img", "--reuse-cmdline"], "load",
-         "/boot/vmlinuz"),
-        (["-s", "-l", "--initrd", "/boot/initrd.img", "/boot/vmlinuz"], "load", "/boot/vmlinuz"),
-        (["-sl", "/boot/v"], "load", "/boot/v"),
-        (["--load", "/boot/v", "--append", "root=/dev/sda1 ro"], "load", "/boot/v"),
-        (["-p", "/boot/v", "--append=crashkernel"], "crash", "/boot/v"),
-        (["-e"], "exec", None),
-        (["-l", "-t", "bzImage64", "/boot/v"], "load", "/boot/v"),
-        ([], None, None),
-    ],
-)  # fmt: skip
-def test_parse_kexec_args(args: list[str], phase: str | None, image: str | None) -> None:
-    assert parse_kexec_args(args) == (phase, image)
+    return run_cli("hook", "--root", str(root), *opts, phase, *(("--", *kexec) if kexec else ()))
 
 
 # -- hook --------------------------------------------------------------------------------
