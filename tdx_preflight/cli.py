@@ -219,6 +219,12 @@ def daemon(root: str | None, config_path: str | None) -> None:
 
     host, policy = _setup(root, config_path)
     host.close()
+    if host.root != "/":
+        # Uevents describe the live kernel; applied to another tree they would lie.
+        raise click.UsageError(
+            f"the daemon watches the live host only; --root {host.root} is for check, "
+            "guests, hook and snapshot"
+        )
     sys.exit(run_daemon(policy, host.root, config_path))
 
 
@@ -232,26 +238,38 @@ def status(root: str | None, config_path: str | None, fmt: str) -> None:
 
     Exit 0/1/3 as for check, 4 when no daemon answers (nor a fresh state file).
     """
-    from .daemon.client import request
+    from .daemon.client import exchange
+    from .daemon.state import judge_status, read_state
     from .render import dump_json, status_text
 
-    _host, policy = _setup(root, config_path)
-    reply = request(policy.control_socket, {"op": "status"})
+    host, policy = _setup(root, config_path)
+    got = exchange(policy.control_socket, {"op": "status"})
     source = f"control socket {policy.control_socket}"
-    if reply is None or not reply.get("ok"):
-        from .daemon.state import read_state
-
-        boot = _host.read_value("proc/sys/kernel/random/boot_id")
-        _host.close()
+    if got is None or got.body.get("ok") is not True:
+        why_socket = "no daemon answers"
+    else:
+        stale = judge_status(
+            got.body, root=host.root, max_age=policy.state_max_age, peer_pid=got.peer_pid
+        )
+        why_socket = f"its reply is stale: {stale}" if stale else ""
+    reply = got.body if got is not None and not why_socket else None
+    if reply is None:
+        boot = host.read_value("proc/sys/kernel/random/boot_id")
         state, why = read_state(
-            policy.state_file, policy.state_max_age, boot if isinstance(boot, str) else None
+            policy.state_file,
+            policy.state_max_age,
+            boot if isinstance(boot, str) else None,
+            host.root,
         )
         if state is None:
-            click.echo(
-                f"tdx-preflight: no daemon answers on {policy.control_socket}; {why}", err=True
-            )
+            message = f"{why_socket} on {policy.control_socket}; {why}"
+            if fmt == "json":
+                click.echo(dump_json({"daemon": None, "exit_code": EXIT_NO_DAEMON, "why": message}))
+            click.echo(f"tdx-preflight: {message}", err=True)
+            host.close()
             sys.exit(EXIT_NO_DAEMON)
-        reply, source = state, f"state file {policy.state_file} (the socket did not answer)"
+        reply, source = state, f"state file {policy.state_file} ({why_socket} on the socket)"
+    host.close()
     reply["source"] = source
     if fmt == "json":
         click.echo(dump_json(reply))

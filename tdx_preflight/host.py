@@ -26,6 +26,9 @@ ProblemKind = Literal["absent", "permission", "io", "malformed"]
 SMALL = 64 * 1024
 #: Cap for files that grow with the machine (cpuinfo of 2,048 CPUs is about 5.5 MB).
 LARGE = 8 * 1024 * 1024
+#: kallsyms is 5 to 20 MB on real kernels; a regular file over this is not one
+#: (DESIGN.md "Reading"), and reading it to its end would only cost time.
+KALLSYMS_MAX = 256 * 1024 * 1024
 #: Read size for streamed files.
 CHUNK = 1 << 20
 
@@ -300,8 +303,10 @@ class Host:
         """Which of `names` appear as whole symbols in a kallsyms-format file.
 
         The file is read to its end in constant memory: a cut read could miss a
-        symbol and turn into a false "absent". A name matches only between the
-        type letter and the end of the line or the tab before `[module]`.
+        symbol and turn into a false "absent". Over KALLSYMS_MAX bytes it is
+        malformed (refused from its size when it is a regular file that says so).
+        A name matches only between the type letter and the end of the line or
+        the tab before `[module]`.
         """
         path = self.display(rel)
         wanted = {n.encode() for n in names}
@@ -313,6 +318,9 @@ class Host:
         if isinstance(opened, Problem):
             return opened
         fd = opened[0]
+        if opened[1].st_size > KALLSYMS_MAX:
+            os.close(fd)
+            return Problem("malformed", path, f"larger than {KALLSYMS_MAX >> 20} MiB")
         try:
             # One reused buffer: the last `overlap` bytes of a chunk are carried to the
             # front of the next, so a name across a chunk boundary is still whole.
@@ -326,6 +334,8 @@ class Host:
                 if not n:
                     break
                 total += n
+                if total > KALLSYMS_MAX:  # /proc/kallsyms reports size 0: count as we go
+                    return Problem("malformed", path, f"larger than {KALLSYMS_MAX >> 20} MiB")
                 end = keep + n
                 found.update(_symbols_in(buf, end, wanted, needles))
                 keep = min(overlap, end)

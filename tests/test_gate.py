@@ -243,9 +243,8 @@ def test_metrics_file_never_changes_the_exit_code(tmp_path: Path) -> None:
 
 
 def test_daemon_writes_metrics_for_every_phase(tmp_path: Path) -> None:
-    root = gate_root(tmp_path)
     prom = tmp_path / "d.prom"
-    d = DaemonProc(root=str(root), metrics_file=str(prom))
+    d = DaemonProc(metrics_file=str(prom))
     try:
         deadline = time.monotonic() + 10
         while not prom.exists():
@@ -281,25 +280,29 @@ def test_hook_catches_a_vm_started_after_the_daemon_reported(kvm_holder, tmp_pat
         d.cleanup()
 
 
-def test_hook_catches_a_td_the_daemon_has_not_seen(tmp_path: Path) -> None:
-    root = gate_root(tmp_path)
-    d = DaemonProc(root=str(root))
+def test_hook_on_another_root_never_takes_the_live_daemons_ledger(tmp_path: Path) -> None:
+    d = DaemonProc()
     try:
-        assert d.status()["verdict"] == "allow"
-        d.signal(signal.SIGSTOP)  # the daemon cannot see what follows
-        # A TD appears in the fixture; no event, no reconcile: the daemon does not know.
-        late = build(
-            tmp_path / "late",
+        assert d.status()["verdict"] in ("allow", "block")
+        d.signal(signal.SIGSTOP)  # a stale daemon: it cannot answer, and must not be needed
+        root = build(
+            tmp_path / "td",
             tdx_host(
                 processes=[VmProc(pid=4242, cmdline=qemu_td_cmdline("td1"), misc_tdx=1)],
                 misc_current={"tdx": 1},
             ),
         )
-        for rel in ("sys/kernel/debug/kvm/4242-12", "proc/4242"):
-            os.rename(late / rel, root / rel)
-        (root / "sys/fs/cgroup/misc.current").write_text("tdx 1\n")
-        run = run_cli("hook", "--root", str(root), "--config", str(d.config_path), "exec")
+        run = run_cli(
+            "hook", "--root", str(root), "--config", str(d.config_path), "--format", "json", "exec"
+        )
         assert run.code == 1 and "guests.td" in run.stderr
+        d.signal(signal.SIGCONT)
+        run = run_cli(
+            "hook", "--root", str(root), "--config", str(d.config_path), "--format", "json", "exec"
+        )
+        report = run.json()
+        assert run.code == 1 and report["daemon"]["answered"] is True
+        assert "the daemon watches root /" in report["daemon"]["why"]
     finally:
         d.signal(signal.SIGCONT)
         d.cleanup()

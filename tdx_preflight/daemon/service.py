@@ -90,6 +90,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._fd_cache: dict[int, frozenset[int] | Problem | None] = {}
         self._fill_pending = False
+        self._locks: list[int] = []
         self._boot_id: str | None = None
         #: Bumped on every change; status replies reuse the report of the same version.
         self._version = 0
@@ -109,6 +110,7 @@ class Daemon:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         for path in (self.policy.control_socket, self.policy.state_file):
             os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+        self._locks = take_locks((self.policy.control_socket, self.policy.state_file))
         boot = self.host.read_value("proc/sys/kernel/random/boot_id")
         self._boot_id = boot if isinstance(boot, str) else None
         await self.source.open()  # subscribe before the first reconcile: nothing falls between
@@ -516,6 +518,7 @@ class Daemon:
         return {
             "daemon_pid": os.getpid(),
             "root": self.host.root,
+            "generated_at": rfc3339(time.time()),
             "uptime_s": round(time.time() - self.started, 3),
             "phase": "exec",
             "verdict": report.verdict if report else None,
@@ -568,13 +571,48 @@ class Daemon:
         return {"report": self._evaluate(phase, facts).to_json()}
 
 
+class AlreadyRunning(Exception):
+    """Another daemon holds the lock of this control socket or state file."""
+
+
+def take_locks(paths: tuple[str, ...]) -> list[int]:
+    """Hold an exclusive flock on PATH.lock for each path, for the daemon's life.
+
+    One daemon per control socket and per state file (DESIGN.md "The agent"):
+    a lock, not a probe of the socket, so two daemons starting at once cannot
+    both win, and a dead daemon's lock goes with its process.
+    Raises AlreadyRunning naming the path whose lock is held.
+    """
+    import fcntl
+
+    fds: list[int] = []
+    try:
+        for path in sorted(set(paths)):
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(f"{path}.lock", flags, 0o600)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise AlreadyRunning(f"another daemon holds {path}.lock") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 def run_daemon(policy: Policy, root: str, config_path: str | None) -> int:
+    """Run the daemon until SIGTERM; the process exit code (1: could not start)."""
     from .log import setup_logging
 
     setup_logging()
     daemon = Daemon(policy, root, config_path)
     try:
         return asyncio.run(daemon.run())
+    except AlreadyRunning as exc:
+        log.critical("cannot start: %s; one daemon per control socket and state file", exc)
+        return 1
     except PermissionError as exc:
         log.critical("cannot start: %s (run as root)", exc)
         return 1
