@@ -58,7 +58,6 @@ class KernelConfig(NamedTuple):
     values: dict[str, str]
 
 
-
 def read_config(host: Host, release: str | Problem) -> KernelConfig | Problem:
     """/proc/config.gz, else /boot/config-RELEASE."""
     gz = host.read_bytes("proc/config.gz", 4 * 1024 * 1024)
