@@ -71,7 +71,8 @@ _KIND_NAMES = {
 }
 
 
-def _kind_name(mode: int) -> str:
+def kind_name(mode: int) -> str:
+    """What a file type is, as a person says it: "a FIFO", "a character device"."""
     return _KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
 
 
@@ -169,7 +170,7 @@ class Host:
         if stat.S_ISREG(mode) or (chr_ok and stat.S_ISCHR(mode)):
             return fd, st
         os.close(fd)
-        return Problem("io", self.display(rel), f"is {_kind_name(mode)}, expected {expected}")
+        return Problem("io", self.display(rel), f"is {kind_name(mode)}, expected {expected}")
 
     # -- plain reads -------------------------------------------------------------
 
