@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
 
 ProblemKind = Literal["absent", "permission", "io", "malformed"]
@@ -114,10 +114,20 @@ class _Openat2:
 
 
 class Host:
-    """Reads under one root directory; the live host when root is `/`."""
+    """Reads under one root directory; the live host when root is `/`.
 
-    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
+    `unreadable` maps root-relative paths to the (kind, detail) of a read that failed
+    where the tree was captured (a snapshot's manifest): every read of such a path
+    gives that Problem again, so what could not be read stays unreadable on replay.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] = "/",
+        unreadable: Mapping[str, tuple[ProblemKind, str]] | None = None,
+    ) -> None:
         self.root = os.path.abspath(os.fspath(root))
+        self.unreadable = dict(unreadable or {})
         self.live = self.root == "/"
         self._prefix = "/" if self.live else self.root.rstrip("/") + "/"
         self._rootfd: int | None = None
@@ -131,6 +141,13 @@ class Host:
     def display(self, rel: str) -> str:
         """The path as a person reads it: absolute on the live host, root-joined otherwise."""
         return self._prefix + rel
+
+    def _captured(self, rel: str) -> Problem | None:
+        """The Problem a read of `rel` gave at capture, when it is one of `unreadable`."""
+        got = self.unreadable.get(rel) if self.unreadable else None
+        if got is None:
+            return None
+        return Problem(got[0], self.display(rel), f"{got[1]} (unreadable at capture)")
 
     def _open(self, rel: str, flags: int) -> int:
         # openat2 rejects flags that O_PATH does not take, O_NOCTTY among them.
@@ -161,6 +178,8 @@ class Host:
         self, rel: str, expected: str, chr_ok: bool = False
     ) -> tuple[int, os.stat_result] | Problem:
         """(fd, stat) of a regular file (or a character device when `chr_ok`)."""
+        if captured := self._captured(rel):
+            return captured
         try:
             fd = self._open(rel, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
@@ -255,6 +274,8 @@ class Host:
 
     def listdir(self, rel: str) -> list[str] | Problem:
         """Names in a directory."""
+        if captured := self._captured(rel):
+            return captured
         path = self.display(rel)
         try:
             if self.live:
@@ -269,6 +290,8 @@ class Host:
 
     def readlink(self, rel: str) -> str | Problem:
         """The target of a symlink, never followed."""
+        if captured := self._captured(rel):
+            return captured
         path = self.display(rel)
         try:
             if self.live:
