@@ -26,6 +26,7 @@ MSR_POLICIES = ("auto", "never")
 MAX_SIZE = 1 << 20
 #: sun_path holds 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
+_MAP_TAG = "tag:yaml.org,2002:map"
 
 
 class ConfigError(Exception):
@@ -169,7 +170,9 @@ def parse(text: str, path: str = "<config>") -> Policy:
         node = loader.get_single_node()
         if node is None:
             return Policy(source=path)
-        if not isinstance(node, yaml.MappingNode):
+        # The settings are read from the nodes: a tag on the document (!!set, an
+        # unknown one) would otherwise be ignored, not constructed.
+        if not isinstance(node, yaml.MappingNode) or node.tag != _MAP_TAG:
             raise ConfigError(path, _line(node), "expected a mapping of settings")
         values: dict[str, Any] = {}
         for key_node, value_node in loader.checked_pairs(node):

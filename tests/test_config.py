@@ -63,6 +63,8 @@ def test_root_from_the_config(tmp_path: Path) -> None:
         ("block_on_warn:\n  - guests.vm\n  - guests.nope\n", 3, "unknown check id 'guests.nope'"),
         ("blocking:\n  guests.vm: [reboot]\n", 2, "expected a list of phases"),
         ("- just\n- a list\n", 1, "expected a mapping"),
+        ("!!set {block_on_warn}\n", 1, "expected a mapping"),
+        ("!!python/object:os.system {}\n", 1, "expected a mapping"),
         # Duplicate keys at every depth; the last would win and undo the first.
         ("block_on_warn: [postkexec.tdx]\nblock_on_warn: []\n", 2, "duplicate key"),
         ("blocking:\n  guests.vm: [exec]\n  guests.vm: [load]\n", 3, "duplicate key"),
