@@ -54,19 +54,23 @@ def _setup(root: str | None, config_path: str | None) -> tuple[Any, Any]:
     host_root = root or policy.root or "/"
     import os
 
-    if host_root.endswith((".tar.gz", ".tgz")) and os.path.isfile(host_root):
-        from .snapshot import SnapshotError, extract_snapshot
-
-        try:
-            # Removed at exit; `exec`-style commands that replace the process leave it behind.
-            host_root = extract_snapshot(host_root)
-        except SnapshotError as exc:
-            click.echo(f"tdx-preflight: {exc}", err=True)
-            sys.exit(EXIT_USAGE)
-    if not os.path.isdir(host_root):
+    snapshot = host_root.endswith((".tar.gz", ".tgz")) and os.path.isfile(host_root)
+    if not snapshot and not os.path.isdir(host_root):
         click.echo(f"tdx-preflight: root {host_root} is not a directory", err=True)
         sys.exit(EXIT_USAGE)
-    return Host(host_root), policy
+    if not snapshot and (host_root == "/" or not os.path.lexists(f"{host_root}/SNAPSHOT.json")):
+        return Host(host_root), policy
+    from .snapshot import SnapshotError, captured_unreadable, extract_snapshot
+
+    try:
+        if snapshot:
+            # Removed at exit and on SIGTERM, SIGHUP and SIGINT; `exec` removes it first.
+            host_root = extract_snapshot(host_root)
+        # What could not be read at capture stays unreadable (the manifest lists it).
+        return Host(host_root, captured_unreadable(host_root)), policy
+    except SnapshotError as exc:
+        click.echo(f"tdx-preflight: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
 
 
 @click.group(cls=StrictGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -524,6 +528,8 @@ def exec_(
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
+    if "tdx_preflight.snapshot" in sys.modules:
+        sys.modules["tdx_preflight.snapshot"].remove_extractions()  # exec skips atexit
     try:
         os.execvp(command[0], list(command))
     except OSError as exc:

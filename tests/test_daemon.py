@@ -283,22 +283,67 @@ def test_check_op_reads_the_host_again(daemon) -> None:
     assert reply["report"]["phase"] == "crash" and len(reply["report"]["checks"]) == len(CHECKS)
 
 
+def _wait_log(d: Any, words: str, count: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while d.log().count(words) < count:
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.05)
+
+
+def _blocking(d: Any, check_id: str) -> bool:
+    reply = d.request({"op": "check", "phase": "exec"})
+    assert reply is not None and reply["ok"], reply
+    return next(c["blocking"] for c in reply["report"]["checks"] if c["id"] == check_id)
+
+
 def test_sighup_with_an_invalid_config_keeps_the_old_one(daemon) -> None:
     d = daemon()
-    d.write_config({**d.config, "bogus_key": 1})
+    assert _blocking(d, "guests.vm") is False
+    d.write_config({**d.config, "blocking": {"guests.vm": ["exec"]}, "bogus_key": 1})
     d.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "invalid configuration" not in d.log():
-        assert time.monotonic() < deadline, d.log()
-        time.sleep(0.05)
-    assert d.proc.poll() is None and d.status()["ok"]
-    d.write_config({**d.config, "block_on_warn": ["kernel.kexec"]})
+    _wait_log(d, "invalid configuration")
+    assert d.proc.poll() is None and _blocking(d, "guests.vm") is False
+    d.write_config({**d.config, "blocking": {"guests.vm": ["exec"]}})
     d.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while f"reload: configuration {d.config_path} loaded" not in d.log():
-        assert time.monotonic() < deadline, d.log()
-        time.sleep(0.05)
-    assert d.proc.poll() is None
+    _wait_log(d, f"reload: configuration {d.config_path} loaded")
+    assert d.proc.poll() is None and _blocking(d, "guests.vm") is True
+
+
+def _dropped_after(path: str, limit: float) -> float:
+    """Seconds until the daemon drops a client that sends nothing (at most `limit`)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.settimeout(limit)
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            assert s.recv(1) == b""
+        return time.monotonic() - started
+
+
+def test_sighup_applies_every_reloadable_setting(daemon) -> None:
+    d = daemon(client_timeout=30, reconcile_interval=0)
+    assert _dropped_after(d.socket, 1.5) >= 1.5  # held: the timeout is 30 s
+    before = d.status()["reconciles"]
+    d.write_config(
+        {
+            **d.config,
+            "client_timeout": 0.3,
+            "reconcile_interval": 0.5,
+            "control_socket": d.socket + ".new",
+        }
+    )
+    d.signal(signal.SIGHUP)
+    _wait_log(d, "reload: configuration")
+    # The control server takes the new timeout, and the timer the daemon started without runs.
+    assert _dropped_after(d.socket, 5) < 3
+    st = d.wait_for(
+        lambda s: s["reconciles"] >= before + 3 and s["last_reconcile"]["why"] == "timer"
+    )
+    assert st["ok"]
+    log = d.log()
+    assert "reload: control_socket change only with a restart" in log
+    assert "applied: reconcile_interval, client_timeout" in log
+    assert not os.path.exists(d.socket + ".new")
 
 
 def test_check_and_status_take_the_daemons_view_and_say_so(daemon) -> None:

@@ -39,6 +39,8 @@ class Check(NamedTuple):
     reads: tuple[str, ...]
     remedies: dict[str, str]
     func: CheckFn
+    #: Phases in which the check is always skip, with why; its function never sees them.
+    skips: dict[str, str]
 
     def evaluate(self, facts: HostFacts, phase: str) -> Outcome:
         if self.tdx_only and not facts.tdx_use.evaluated:
@@ -47,6 +49,8 @@ class Check(NamedTuple):
                 "TDX is not in use on this host",
                 {"tdx_in_use": facts.tdx_use.sources},
             )
+        if phase in self.skips:
+            return Outcome("skip", self.skips[phase])
         return self.func(facts, phase)
 
 
@@ -63,13 +67,28 @@ def check(
     why: str,
     reads: tuple[str, ...],
     remedies: dict[str, str],
+    skips: dict[str, str] | None = None,
 ) -> Callable[[CheckFn], CheckFn]:
-    """Declare a check next to its function; registration order is report order."""
+    """Declare a check next to its function; registration order is report order.
+
+    `skips` maps each phase in which the check never applies to the reason: the
+    policy refuses a `blocking` entry for such a phase (it could never take effect).
+    """
 
     def register(func: CheckFn) -> CheckFn:
         assert id not in REGISTRY, id
+        assert not set(skips or ()) & set(blocking), id
         REGISTRY[id] = Check(
-            id, title, frozenset(blocking), tdx_only, question, why, reads, remedies, func
+            id,
+            title,
+            frozenset(blocking),
+            tdx_only,
+            question,
+            why,
+            reads,
+            remedies,
+            func,
+            dict(skips or {}),
         )
         return func
 

@@ -153,10 +153,9 @@ def errata_tdx_pw_mce(facts: HostFacts, phase: str) -> Outcome:
         "warn": "Plan a cold reboot before TD guests must run on this host again; migrate "
         "TD workloads elsewhere meanwhile.",
     },
+    skips={"crash": "not applicable to a crash kernel"},
 )
 def postkexec_tdx(facts: HostFacts, phase: str) -> Outcome:
-    if phase == "crash":
-        return Outcome("skip", "not applicable to a crash kernel")
     mod = facts.module
     evidence = {"module": mod.to_json()}
     if mod.state == "initialized":

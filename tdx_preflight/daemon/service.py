@@ -42,6 +42,9 @@ RECONCILE_SPACING = 0.2
 FD_FILL_DELAYS = (0.002, 0.01, 0.05, 0.25, 1.0)
 #: After a TD is destroyed, re-read misc.current at these delays to confirm teardown.
 TEARDOWN_CHECKS = (0.05, 0.2, 1.0, 3.0, 10.0, 30.0)
+#: Settings a SIGHUP cannot change: the sockets and files the daemon holds open, and the
+#: root it watches. Every other setting is applied in full on reload.
+RESTART_ONLY = ("root", "control_socket", "socket_group", "state_file", "uevent_rcvbuf")
 
 
 def status_line(report: Report | None, ledger: VmLedger) -> str:
@@ -91,6 +94,7 @@ class Daemon:
         self._fd_cache: dict[int, frozenset[int] | Problem | None] = {}
         self._fill_pending = False
         self._locks: list[int] = []
+        self._timer_task: asyncio.Task[Any] | None = None
         self._boot_id: str | None = None
         #: Bumped on every change; status replies reuse the report of the same version.
         self._version = 0
@@ -139,8 +143,7 @@ class Daemon:
             asyncio.create_task(self._reconciler(), name="reconcile"),
             asyncio.create_task(self._state_writer(), name="state"),
         ]
-        if self.policy.reconcile_interval > 0:
-            self._tasks.append(asyncio.create_task(self._timer(), name="timer"))
+        self._start_timer()
         if self.notifier.watchdog_interval:
             self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
         self.notifier.ready(status_line(self.report, self.ledger))
@@ -170,17 +173,47 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload: invalid configuration, keeping the old one: %s", exc)
         else:
-            fixed = [
-                k
-                for k in ("control_socket", "socket_group", "state_file", "uevent_rcvbuf", "root")
-                if getattr(policy, k) != getattr(self.policy, k)
-            ]
-            if fixed:
-                log.warning("reload: %s change only with a restart", ", ".join(fixed))
-                policy = policy._replace(**{k: getattr(self.policy, k) for k in fixed})
-            self.policy = policy
-            log.info("reload: configuration %s loaded", policy.source or "(defaults)")
+            self._apply_policy(policy)
         self.request_reconcile("SIGHUP")
+
+    def _apply_policy(self, policy: Policy) -> None:
+        """Take a reloaded policy in full; name what only a restart changes."""
+        fixed = [k for k in RESTART_ONLY if getattr(policy, k) != getattr(self.policy, k)]
+        if fixed:
+            log.warning("reload: %s change only with a restart; kept", ", ".join(fixed))
+            policy = policy._replace(**{k: getattr(self.policy, k) for k in fixed})
+        old, self.policy = self.policy, policy
+        changed = [
+            k for k in Policy._fields if k != "source" and getattr(old, k) != getattr(policy, k)
+        ]
+        if self.server is not None:
+            self.server.timeout = policy.client_timeout
+        if old.reconcile_interval != policy.reconcile_interval:
+            self._start_timer()
+        if (old.inhibit_shutdown, old.inhibit_bus) != (policy.inhibit_shutdown, policy.inhibit_bus):
+            self._tasks.append(asyncio.create_task(self._drop_inhibitor(), name="inhibitor"))
+        log.info(
+            "reload: configuration %s loaded; applied: %s",
+            policy.source or "(defaults)",
+            ", ".join(changed) or "no change",
+        )
+        self._changed()  # the report, metrics and inhibitor follow the new policy
+
+    def _start_timer(self) -> None:
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+        self._timer_task = None
+        if self.policy.reconcile_interval > 0:
+            self._timer_task = asyncio.create_task(self._timer(), name="timer")
+            self._tasks.append(self._timer_task)
+
+    async def _drop_inhibitor(self) -> None:
+        """Release the inhibitor taken under the old settings; a refresh takes it anew."""
+        inhibitor, self._inhibitor = self._inhibitor, None
+        if inhibitor is not None:
+            await asyncio.to_thread(inhibitor.close)
+            log.info("shutdown inhibitor released: its settings changed")
+        self._refresh_wanted.set()
 
     # -- events ----------------------------------------------------------------------
 
@@ -369,9 +402,8 @@ class Daemon:
 
     async def _timer(self) -> None:
         while True:
-            await asyncio.sleep(self.policy.reconcile_interval or 60)
-            if self.policy.reconcile_interval > 0:
-                self.request_reconcile("timer")
+            await asyncio.sleep(self.policy.reconcile_interval)
+            self.request_reconcile("timer")
 
     def _schedule_teardown_checks(self) -> None:
         loop = asyncio.get_running_loop()
