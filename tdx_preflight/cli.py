@@ -173,6 +173,7 @@ def _metrics(path: str | None, reports: list[Any]) -> None:
 def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -> None:
     """List KVM VMs and TD guests, with the evidence that classified them.
 
+    On the live host, -v (and JSON) add each VM process's uptime and RSS.
     Exit 0 when the list is complete, 3 when VMs could not be enumerated.
     """
     from .daemon.client import daemon_ledger
@@ -186,6 +187,11 @@ def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -
     e = facts.enumeration
     cur = facts.root_tdx_current
     code = 0 if e.complete else EXIT_UNKNOWN
+    procs = None
+    if host.live and (verbose or fmt == "json"):
+        from .procinfo import process_info
+
+        procs = {g.pid: process_info(g.pid) for g in facts.guests if g.pid is not None}
     if fmt == "json":
         click.echo(
             dump_json(
@@ -199,14 +205,17 @@ def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -
                     },
                     "tdx_in_use": facts.tdx_use.state == "yes",
                     "root_misc_current_tdx": cur if isinstance(cur, int) else None,
-                    "guests": [g.to_json() for g in facts.guests],
+                    "guests": [
+                        {**g.to_json(), "process": procs.get(g.pid) if procs and g.pid else None}
+                        for g in facts.guests
+                    ],
                     "daemon": d.info,
                 }
             )
         )
     else:
         header = f"VMs via {e.method}" if e.method else "VM enumeration unavailable"
-        click.echo(guests_text(facts.guests, header, verbose))
+        click.echo(guests_text(facts.guests, header, verbose, e.complete, procs))
         if e.problem:
             click.echo(f"incomplete: {e.problem}", err=True)
         if isinstance(cur, int):

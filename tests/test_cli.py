@@ -74,6 +74,9 @@ def test_guests_without_any_enumeration_exits_3(tmp_path: Path) -> None:
     (root / "proc").rename(root / "proc.gone")
     run = run_cli("guests", "--root", str(root), "--format", "json")
     assert run.code == 3 and run.json()["enumeration"]["method"] is None
+    text = run_cli("guests", "--root", str(root))
+    assert text.code == 3 and "no KVM VM found" not in text.stdout
+    assert "the list is not complete" in text.stdout
 
 
 def test_verbose_check_shows_evidence(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import kvm_usable, run_cli
 from daemonproc import DaemonProc, debugfs_kvm_names, entries, proc_kvm_vms
+from hostbuilder import VmProc, build, tdx_host
 
 from tdx_preflight.checks import CHECKS
 from tdx_preflight.daemon.client import request
@@ -380,3 +381,28 @@ def test_ready_comes_after_the_first_reconcile(daemon) -> None:
     assert "STATUS=" in ready
     assert d.status()["reconciles"] >= 1
     assert request(d.socket + ".nope", {"op": "status"}) is None
+
+
+def test_status_reports_the_daemons_own_health(daemon) -> None:
+    d = daemon()
+    health = d.status()["health"]
+    assert health["rss_bytes"] > 10 * 2**20 and health["open_fds"] >= 4
+    assert health["threads"] >= 1 and 0 <= health["cpu_seconds"] < 60
+    text = run_cli("status", "--config", str(d.config_path)).stdout
+    assert "daemon health: CPU" in text and "open fds" in text
+
+
+@needs_kvm
+def test_guests_verbose_shows_each_vm_process_uptime_and_rss(kvm_holder, tmp_path) -> None:
+    h = kvm_holder(*VM_ARGS)
+    text = run_cli("guests", "-v").stdout
+    [line] = [ln for ln in text.splitlines() if "plain-d" in ln]
+    after = text.splitlines()[text.splitlines().index(line) + 1]
+    assert after.strip().startswith("process: up") and "MiB" in after
+    data = run_cli("guests", "--format", "json").json()
+    [g] = [g for g in data["guests"] if g["pid"] == h.pid]
+    assert g["process"]["rss_bytes"] > 2**20 and g["process"]["uptime_s"] >= 0
+    # A fixture host has no running processes to ask.
+    root = build(tmp_path / "root", tdx_host(processes=[VmProc(pid=4242, cmdline=("qemu",))]))
+    fixture = run_cli("guests", "--root", str(root), "--format", "json").json()
+    assert [g["process"] for g in fixture["guests"]] == [None]

@@ -132,7 +132,7 @@ def guests_teardown(facts: HostFacts, phase: str) -> Outcome:
     if ledger is not None and ledger.tds_not_destroyed:
         evidence["ledger_live_tds"] = list(ledger.tds_not_destroyed)
         reasons.append(
-            f"the daemon saw {len(ledger.tds_not_destroyed)} TDs created and never destroyed"
+            f"the daemon saw {_n(len(ledger.tds_not_destroyed), 'TD')} created and never destroyed"
         )
     if reasons:
         return Outcome(
@@ -189,3 +189,8 @@ def guests_vm(facts: HostFacts, phase: str) -> Outcome:
             _enum_remedy(facts),
         )
     return Outcome("pass", "no plain VM alive", evidence)
+
+
+def _n(count: int, noun: str) -> str:
+    """`1 TD`, `2 TDs`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -22,6 +22,7 @@ from ..facts import HostFacts, gather
 from ..host import Host, Problem
 from ..metrics import write_metrics
 from ..policy import ConfigError, Policy, load
+from ..procinfo import own_health
 from ..readers import kvm
 from ..report import Report, evaluate
 from .control import ControlServer, Peer, RequestError
@@ -565,6 +566,7 @@ class Daemon:
             "recent_tds": [e.to_json() for e in self.ledger.recent_tds()],
             "resyncs": self.resyncs,
             "reconciles": self.reconciles,
+            "health": own_health(),
             "last_reconcile": self.last_reconcile,
             "events": self.events,
             "uevent_rcvbuf": self.source.effective_rcvbuf,
