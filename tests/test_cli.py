@@ -65,7 +65,7 @@ def test_guests_text_and_json(tmp_path: Path) -> None:
     assert data["root_misc_current_tdx"] == 1
     text = run_cli("guests", "--root", str(root))
     assert text.code == 0
-    assert "2 VMs, 1 TD guests" in text.stdout
+    assert "2 VMs, 1 TD guest\n" in text.stdout
     assert any(line.startswith("td") and "td1" in line for line in text.stdout.splitlines())
 
 
