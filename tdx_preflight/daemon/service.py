@@ -379,10 +379,10 @@ class Daemon:
     def _check_teardowns(self) -> None:
         if not self.ledger.pending_teardowns():
             return
-        from ..readers import cgroup
+        from ..readers import cgroup, view
 
-        current = cgroup.read_misc(self.host, "misc.current")
-        count = cgroup.tdx_count(current, self.host.display("sys/fs/cgroup/misc.current"))
+        cgroup_ns = view.read_namespace(self.host, "cgroup").state
+        count = cgroup.read_misc_root(self.host, cgroup_ns).tdx_current(self.host)
         for e in self.ledger.confirm_teardowns(count):
             log.info("TD teardown confirmed: %s (root misc.current tdx %s)", e.label(), count)
         self._changed()
