@@ -61,7 +61,13 @@ def status_line(report: Report | None, ledger: VmLedger) -> str:
 
 def _guest_of(e: Entry) -> kvm.Guest:
     return kvm.Guest(
-        e.pid, e.tid, e.vm_fd if e.vm_fd is not None else -1, e.kind, e.name, tuple(e.evidence)
+        e.pid,
+        e.tid,
+        e.vm_fd if e.vm_fd is not None else -1,
+        e.kind,
+        e.name,
+        tuple(e.evidence),
+        vcpu_only=e.vcpu_only,
     )
 
 
