@@ -107,7 +107,7 @@ class MiscRoot(NamedTuple):
         """
         count = tdx_count(self.current, host.display(self.current_path))
         cap = self.tdx_capacity(host)
-        if isinstance(count, Problem) and count.kind == "absent" and isinstance(cap, int):
+        if isinstance(self.current, dict) and isinstance(count, Problem) and isinstance(cap, int):
             return Problem(
                 "malformed",
                 host.display(self.current_path),
