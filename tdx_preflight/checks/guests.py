@@ -86,10 +86,12 @@ def _enum_remedy(facts: HostFacts) -> str:
     "down (its KeyID freed, its caches written back) before the jump. The misc cgroup's "
     "tdx count is the kernel's own tally of live TDs.",
     reads=(
-        "/sys/kernel/debug/kvm/ (else /proc/*/fd)",
+        "/sys/kernel/debug/kvm/ and /proc/*/fd (kvm-vm and kvm-vcpu descriptors)",
         "/proc/PID/{status,cmdline,comm,cgroup}",
-        "/sys/fs/cgroup/**/misc.current",
+        "/sys/fs/cgroup/**/misc.current (cgroup v1: /sys/fs/cgroup/misc/**)",
         "/run/libvirt/qemu/*.xml",
+        "/proc/self/ns/{pid,cgroup} (the host view)",
+        "/dev/kmsg (HKID N is leaked)",
     ),
     remedies={
         "fail": "Shut down or migrate the TD guests listed (virsh shutdown NAME, or stop the "
@@ -156,7 +158,12 @@ def guests_td(facts: HostFacts, phase: str) -> Outcome:
     why="A TD's KeyID is freed only after TDH.PHYMEM.CACHE.WB wrote its cache lines back; "
     "until the root misc cgroup's tdx count reads zero a teardown is still in progress or "
     "a KeyID leaked, and a kexec could leave dirty private cache lines behind.",
-    reads=("/sys/fs/cgroup/misc.current", "KVM VM enumeration", "the daemon's ledger"),
+    reads=(
+        "/sys/fs/cgroup/misc.{capacity,current} (cgroup v1: /sys/fs/cgroup/misc/)",
+        "KVM VM enumeration",
+        "the daemon's ledger",
+        "/dev/kmsg (HKID N is leaked)",
+    ),
     remedies={
         "fail": "Wait for the TD teardown to finish (misc.current tdx 0). If a KeyID leaked "
         "(dmesg: 'HKID ... is leaked'), only a cold reboot releases it.",
@@ -216,7 +223,7 @@ def guests_teardown(facts: HostFacts, phase: str) -> Outcome:
     question="Are plain (non-TD) KVM VMs alive? They die with the kexec.",
     why="kexec ends every process, VMs included; their owners lose them unless they were "
     "shut down or migrated first.",
-    reads=("/sys/kernel/debug/kvm/ (else /proc/*/fd)", "/proc/PID/*"),
+    reads=("/sys/kernel/debug/kvm/ and /proc/*/fd (kvm-vm and kvm-vcpu)", "/proc/PID/*"),
     remedies={
         "warn": "Shut down or migrate the VMs listed if their work matters.",
         "unknown": "Run as root, or mount debugfs, so VMs can be enumerated.",

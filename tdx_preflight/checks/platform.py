@@ -179,6 +179,7 @@ def _msr_warnings(facts: HostFacts, m: msr.MsrFacts) -> tuple[list[str], list[st
         "/sys/module/kvm_intel/parameters/tdx",
         "/dev/cpu/*/msr (0x87, 0x981, 0x982, 0x1401)",
         "TDX module state (sysfs, kernel log)",
+        "kernel config and command line (why BIOS KeyIDs go unused)",
     ),
     remedies={
         "warn": "Read the summary: load the msr module or run as root to read the MSRs; "
