@@ -325,9 +325,12 @@ def test_fixture_root_misc_cgroup_path_and_teardown_confirmation(daemon, tmp_pat
     assert report["daemon"]["tds_not_destroyed"] == ["td1 (pid 4242)"]
     text = run_cli("check", "--root", str(root), "--config", str(d.config_path)).stdout
     assert "TD ledger: from the daemon" in text
-    # The TD goes away: its debugfs directory, its process, then its KeyID.
+    # The TD goes away: its debugfs directory, its VM and vCPU descriptors (a vCPU fd
+    # alone keeps a VM alive), then its KeyID.
     shutil.rmtree(root / "sys/kernel/debug/kvm/4242-12")
-    (root / "proc/4242/fd/12").unlink()
+    for link in (root / "proc/4242/fd").iterdir():
+        if os.readlink(link).startswith("anon_inode:kvm-"):
+            link.unlink()
     d.signal(signal.SIGHUP)
     st = d.wait_for(lambda s: not entries(s, 4242))
     [gone] = [x for x in st["recent_tds"] if x["pid"] == 4242]
