@@ -203,7 +203,7 @@ def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -
                         "problem": str(e.problem) if e.problem else None,
                         "notes": list(e.notes),
                     },
-                    "tdx_in_use": facts.tdx_use.state == "yes",
+                    "tdx_in_use": facts.tdx_use.state,
                     "root_misc_current_tdx": cur if isinstance(cur, int) else None,
                     "guests": [
                         {**g.to_json(), "process": procs.get(g.pid) if procs and g.pid else None}

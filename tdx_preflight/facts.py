@@ -6,14 +6,14 @@ import os
 from typing import NamedTuple
 
 from .host import Host, Problem
-from .readers import cgroup, cpuinfo, kernel, kvm, msr, tdx
+from .readers import cgroup, cpuinfo, kernel, kvm, msr, tdx, view
 
 
 class TdxUse(NamedTuple):
-    """Is TDX in use: "yes" when any present source says so, else "no" (DESIGN.md).
+    """Is TDX in use: "yes", "no" or "unknown" (DESIGN.md "The checklist").
 
     `sources` maps each source to what it said; `unreadable` names the sources
-    that exist but could not be read (platform.tdx warns about them).
+    that exist but could not be read (with why, in `sources`).
     """
 
     state: str
@@ -24,6 +24,34 @@ class TdxUse(NamedTuple):
     def evaluated(self) -> bool:
         """TDX-only checks run when TDX is in use."""
         return self.state == "yes"
+
+
+class HostView(NamedTuple):
+    """What this process sees of the host (DESIGN.md "The host view")."""
+
+    pid_namespace: view.Namespace
+    cgroup_namespace: view.Namespace
+    misc_cgroup: str  # cgroup.MiscRoot.layout
+
+    @property
+    def partial(self) -> list[str]:
+        """Why the view is partial, one phrase per reason; empty when it is whole."""
+        out: list[str] = []
+        if self.pid_namespace.foreign:
+            out.append(
+                f"foreign PID namespace ({self.pid_namespace.said}): /proc shows part of the "
+                "host, VMs only from debugfs"
+            )
+        if self.cgroup_namespace.foreign or self.misc_cgroup == "not the root":
+            out.append("misc cgroup is not the host's root: its counts are unavailable")
+        return out
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "pid_namespace": self.pid_namespace.state,
+            "cgroup_namespace": self.cgroup_namespace.state,
+            "misc_cgroup": self.misc_cgroup,
+        }
 
 
 class TdxModule(NamedTuple):
@@ -87,16 +115,16 @@ class HostFacts(NamedTuple):
     tdx_log: tdx.TdxLog | Problem
     misc_capacity: dict[str, int] | Problem
     misc_current: dict[str, int] | Problem
+    #: Root misc.current `tdx` (cgroup.MiscRoot.tdx_current): a missing line is 0 only
+    #: when misc.capacity lists tdx.
+    root_tdx_current: int | Problem
+    view: HostView
     tdx_use: TdxUse
     module: TdxModule
     enumeration: kvm.Enumeration
     guests: list[kvm.Guest]
     ledger: Ledger | None = None
     target: TargetKernel | None = None
-
-    @property
-    def root_tdx_current(self) -> int | Problem:
-        return cgroup.tdx_count(self.misc_current, "sys/fs/cgroup/misc.current")
 
     @property
     def is_intel(self) -> bool | None:
@@ -113,9 +141,17 @@ def _said(value: object) -> str:
 def tdx_use(
     cpu: cpuinfo.CpuInfo | Problem,
     capacity: int | Problem,
+    current: int | Problem,
     kvm_param: bool | Problem,
     module: TdxModule,
 ) -> TdxUse:
+    """Is TDX in use, from every source DESIGN.md lists but the VMs (see with_td_guests).
+
+    yes: any readable source says so. unknown: none says yes and one exists but
+    cannot be read (the kernel log alone does not count when cpuinfo was read;
+    a misc count that is not the host's counts). no: otherwise. A cpuinfo that
+    reads and is not Intel is no.
+    """
     sources: dict[str, str] = {}
     unreadable: list[str] = []
     yes = False
@@ -137,15 +173,27 @@ def tdx_use(
             return TdxUse("no", {"cpuinfo vendor_id": ", ".join(sorted(cpu.vendors)) or "none"})
         note("cpuinfo tdx_host_platform", cpu, bool(cpu.cpus_with_flag("tdx_host_platform")))
     note("misc.capacity tdx", capacity, isinstance(capacity, int) and capacity > 0)
+    note("misc.current tdx", current, isinstance(current, int) and current > 0)
     note("kvm_intel tdx", kvm_param, kvm_param is True)
     if module.state == "initialized":
         yes = True
         sources["TDX module"] = "initialized"
     for name, said in module.sources.items():
         if said.startswith("unreadable"):
-            unreadable.append(name)
             sources[name] = said
-    return TdxUse("yes" if yes else "no", sources, tuple(unreadable))
+            if name != "kernel log" or isinstance(cpu, Problem):
+                unreadable.append(name)
+    state = "yes" if yes else "unknown" if unreadable else "no"
+    return TdxUse(state, sources, tuple(unreadable))
+
+
+def with_td_guests(use: TdxUse, guests: list[kvm.Guest]) -> TdxUse:
+    """TDX is in use when a VM is a TD on positive evidence (classification step 1)."""
+    tds = [g for g in guests if g.kind == "td"]
+    if use.state == "yes" or not tds:
+        return use
+    names = ", ".join(f"{g.name or '?'} (pid {g.pid})" for g in tds[:3])
+    return use._replace(state="yes", sources={**use.sources, "VMs classified td": names})
 
 
 def module_state(
@@ -214,25 +262,22 @@ def gather(
     version = tdx.read_tdx_host_version(host)
     firmware = tdx.read_firmware_tdx(host)
     log = tdx.read_tdx_log(host)
-    capacity = cgroup.read_misc(host, "misc.capacity")
-    current = cgroup.read_misc(host, "misc.current")
+    pid_ns = view.read_namespace(host, "pid")
+    cgroup_ns = view.read_namespace(host, "cgroup")
+    misc = cgroup.read_misc_root(host, cgroup_ns.state)
+    root_tdx = misc.tdx_current(host)
     module = module_state(kvm_param, version, firmware, log)
-    use = tdx_use(
-        cpu,
-        cgroup.tdx_count(capacity, host.display("sys/fs/cgroup/misc.capacity")),
-        kvm_param,
-        module,
-    )
+    use = tdx_use(cpu, misc.tdx_capacity(host), root_tdx, kvm_param, module)
     msrs = None
     if full and (isinstance(cpu, Problem) or cpu.is_intel):
         cpus = online if isinstance(online, list) else None
         if cpus is None and isinstance(cpu, cpuinfo.CpuInfo):
             cpus = [c.processor for c in cpu.cpus]
         msrs = msr.read_msrs(host, cpus or [0], load_msr_module)
+    enumeration = kvm.enumerate_vms(host, proc_partial=pid_ns.foreign)
+    guests = kvm.classify(host, enumeration, use.state, root_tdx, misc)
+    use = with_td_guests(use, guests)
     kallsyms = kernel.read_kallsyms(host) if full and use.evaluated else None
-    enumeration = kvm.enumerate_vms(host)
-    root_tdx = cgroup.tdx_count(current, host.display("sys/fs/cgroup/misc.current"))
-    guests = kvm.classify(host, enumeration, use.state, root_tdx)
     return HostFacts(
         root=host.root,
         live=host.live,
@@ -248,8 +293,10 @@ def gather(
         tdx_host_version=version,
         firmware_tdx=firmware,
         tdx_log=log,
-        misc_capacity=capacity,
-        misc_current=current,
+        misc_capacity=misc.capacity,
+        misc_current=misc.current,
+        root_tdx_current=root_tdx,
+        view=HostView(pid_ns, cgroup_ns, misc.layout),
         tdx_use=use,
         module=module,
         enumeration=enumeration,

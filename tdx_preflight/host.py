@@ -20,7 +20,9 @@ import stat
 from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
 
-ProblemKind = Literal["absent", "permission", "io", "malformed"]
+#: "partial": the source exists but sees only part of the host (a foreign namespace,
+#: a child cgroup): never read as a count of zero (DESIGN.md "The host view").
+ProblemKind = Literal["absent", "permission", "io", "malformed", "partial"]
 
 #: Default cap for a file that should be small (sysfs values, proc files).
 SMALL = 64 * 1024

@@ -41,6 +41,9 @@ def report_text(report: Report, *, verbose: bool = False, colour: bool = False) 
     cpu = host["cpu_model_name"] or "CPU unknown"
     kernel = host["kernel_release"] or "kernel unknown"
     lines = [f"tdx-preflight: {report.phase} phase, {where}: {cpu}, kernel {kernel}"]
+    partial = f.view.partial
+    if partial:
+        lines.append(f"host view partial: {'; '.join(partial)}")
     width = max(len(r.id) for r in report.results)
     for r in report.results:
         tag = f"{r.status.upper():<7}"

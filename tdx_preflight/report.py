@@ -74,8 +74,9 @@ class Report:
             "cpu_model_name": cpu.model_name if cpu else None,
             "family": cpu.family if cpu else None,
             "model": cpu.model if cpu else None,
-            "tdx_in_use": f.tdx_use.state == "yes",
+            "tdx_in_use": f.tdx_use.state,
             "tdx_module": f.module.to_json(),
+            "view": f.view.to_json(),
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -22,9 +22,9 @@ How each kind of read is reproduced:
   failed other than "absent": a symlink to itself (an I/O problem on replay).
 - /proc: the entries of VM holders only (the processes and creating threads the
   enumeration found, and every process with a kvm-vm descriptor); of their fd
-  links only the `anon_inode:kvm-vm` ones. Command lines are redacted to what the
-  classifier reads, and libvirt's live XML to the elements it reads, unless asked
-  to keep them.
+  links only the `anon_inode:kvm-vm` and `anon_inode:kvm-vcpu:N` ones. Command
+  lines are redacted to what the classifier reads, and libvirt's live XML to the
+  elements it reads, unless asked to keep them.
 - MSRs: a sparse file with each value at offset = index (see `_msr_plan` for what
   a file cannot hold); the kernel log as one record a line; kallsyms as the lines
   of the symbols that were found plus one neutral line.
@@ -572,7 +572,9 @@ def plan_tree(rec: RecordingHost, facts: HostFacts, keep_cmdlines: bool) -> tupl
     for rel, target in rec.links.items():
         if not wanted(rel):
             continue
-        if _PROC_FD.fullmatch(rel) and target != kvm.KVM_VM_LINK:
+        if _PROC_FD.fullmatch(rel) and not target.startswith(
+            ("anon_inode:kvm-vm", "anon_inode:kvm-vcpu:")
+        ):
             dropped_links += 1  # other descriptors name files and sockets the checks ignore
         elif target.startswith("/") or ".." in target.split("/"):
             notes.append(f"{rel} -> {target}: not written (a link out of the tree)")

@@ -183,6 +183,9 @@ class VmProc:
     misc_cgroup: str | None = None  # cgroup charged, when not `cgroup` (a libvirt vcpu cgroup)
     ppid: int = 1
     vcpus: int = 2  # fd/N -> anon_inode:kvm-vcpu:I after the VM fds; vcpuI in debugfs
+    # VMs whose kvm-vm fd was closed while their vCPU fds stay open (the VM lives on): no
+    # fd/N -> kvm-vm link, but `vcpus` vCPU links each and the debugfs TID-FD directory.
+    closed_vm_fds: list[int] = field(default_factory=list)
     extra_fds: dict[int, str] = field(default_factory=dict)  # more fd links, fd -> target
     start_ticks: int | None = None  # stat field 22; default: about an hour before "now"
 
@@ -224,6 +227,14 @@ class HostSpec:
     firmware_tdx: dict[str, str] | None = None  # sys/firmware/tdx/tdx_module/<name>
     misc_capacity: dict[str, int] | None = None  # root misc.capacity, lines as given
     misc_current: dict[str, int] | None = None  # root misc.current, lines as given
+    # "v2"; "v1" (RHEL 8 style: the misc hierarchy at sys/fs/cgroup/misc/, proc/PID/cgroup
+    # lists v1 controllers, `N:misc:/PATH`); "hybrid" (v1 controllers plus the `0::` line).
+    cgroup_layout: str = "v2"
+    # The cgroup root seen is a child (a container's view): misc.max and misc.current there,
+    # no misc.capacity (kernel/cgroup/misc.c: capacity only on the root, max never on it).
+    cgroup_child_view: bool = False
+    pid_ns: int | None = None  # proc/self/ns/pid -> "pid:[N]"; init is 4026531836
+    cgroup_ns: int | None = None  # proc/self/ns/cgroup -> "cgroup:[N]"; init is 4026531835
     kexec_loaded: int | None = 1  # sys/kernel/kexec_loaded; None: absent
     kexec_crash_loaded: int | None = 0
     kexec_crash_size: int | None = 0
@@ -603,16 +614,57 @@ def _misc_lines(values: dict[str, int]) -> bytes:
     return "".join(f"{k} {v}\n" for k, v in values.items()).encode()
 
 
+_V1_CONTROLLERS = (
+    "cpuset", "cpu,cpuacct", "blkio", "memory", "devices", "freezer", "net_cls,net_prio",
+    "perf_event", "hugetlb", "pids", "rdma", "misc",
+)  # fmt: skip
+
+
+def proc_cgroup_text(spec: HostSpec, path: str) -> str:
+    """proc/PID/cgroup for a process in cgroup `path` under the spec's layout."""
+    if spec.cgroup_layout == "v2":
+        return f"0::{path}\n"
+    n = len(_V1_CONTROLLERS)
+    lines = [f"{n + 1 - i}:{c}:{path}" for i, c in enumerate(_V1_CONTROLLERS)]
+    lines.append(f"1:name=systemd:{path}")
+    if spec.cgroup_layout == "hybrid":
+        lines.append(f"0::{path}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_namespaces(root: str, spec: HostSpec) -> None:
+    """proc/self/ns/{pid,cgroup}: the links the kernel shows (`pid:[INODE]`)."""
+    for name, inode in (("pid", spec.pid_ns), ("cgroup", spec.cgroup_ns)):
+        if inode is not None:
+            ns = os.path.join(root, "proc/self/ns")
+            _mkdir(ns)
+            _symlink(f"{name}:[{inode}]", os.path.join(ns, name))
+
+
+def _misc_base(root: str, spec: HostSpec) -> str:
+    sub = "sys/fs/cgroup" if spec.cgroup_layout == "v2" else "sys/fs/cgroup/misc"
+    return os.path.join(root, sub)
+
+
 def _write_cgroups(root: str, spec: HostSpec) -> None:
-    base = os.path.join(root, "sys/fs/cgroup")
+    base = _misc_base(root, spec)
     if spec.misc_capacity is not None or spec.misc_current is not None:
         _mkdir(base)
-        _put(
-            os.path.join(base, "cgroup.controllers"),
-            b"cpuset cpu io memory hugetlb pids rdma misc\n",
-        )
+        if spec.cgroup_layout == "v2":
+            _put(
+                os.path.join(base, "cgroup.controllers"),
+                b"cpuset cpu io memory hugetlb pids rdma misc\n",
+            )
+        else:
+            _put(os.path.join(base, "cgroup.procs"), b"1\n")
     if spec.misc_capacity is not None:
-        _put(os.path.join(base, "misc.capacity"), _misc_lines(spec.misc_capacity))
+        if spec.cgroup_child_view:
+            _put(
+                os.path.join(base, "misc.max"),
+                b"".join(f"{k} max\n".encode() for k in spec.misc_capacity),
+            )
+        else:
+            _put(os.path.join(base, "misc.capacity"), _misc_lines(spec.misc_capacity))
     if spec.misc_current is not None:
         _put(os.path.join(base, "misc.current"), _misc_lines(spec.misc_current))
 
@@ -621,7 +673,6 @@ def _write_cgroups(root: str, spec: HostSpec) -> None:
             directory = os.path.join(base, proc.cgroup.strip("/"))
             _mkdir(directory)
             _put(os.path.join(directory, "cgroup.procs"), _line(proc.pid))
-
     # misc charges count upward: every cgroup between the charged one and the root shows them.
     charged: dict[str, int] = {}
     for proc in spec.processes:
@@ -913,7 +964,7 @@ def _write_filler_range(root: str, spec: HostSpec, pids: list[int], first: int) 
         os.mkdir(d + "/fd")  # no task/: nothing reads a filler's threads, and mkdir is the cost
         _put(d + "/cmdline", "".join(a + "\0" for a in tmpl.argv).encode())
         _put(d + "/comm", (comm + "\n").encode())
-        _put(d + "/cgroup", f"0::{tmpl.cgroup}\n".encode())
+        _put(d + "/cgroup", proc_cgroup_text(spec, tmpl.cgroup).encode())
         _put(d + "/status", status.encode())
         _put(d + "/stat", stat.encode())
         for fd, target in enumerate(tmpl.fds):
@@ -943,8 +994,10 @@ def _vm_fd_table(vm: VmProc) -> dict[int, str]:
         table[n] = others[i] if i < len(others) else "anon_inode:[eventfd]"
     if "/dev/kvm" not in table.values():
         table[max(table) + 1] = "/dev/kvm"
+    for fd in vm.closed_vm_fds:
+        table.pop(fd, None)  # closed: the number may even be free
     nxt = max(table) + 1
-    for _fd in vm.vm_fds:
+    for _fd in [*vm.vm_fds, *vm.closed_vm_fds]:
         for i in range(vm.vcpus):
             table[nxt] = f"anon_inode:kvm-vcpu:{i}"
             nxt += 1
@@ -965,7 +1018,7 @@ def _write_vm(root: str, spec: HostSpec, vm: VmProc, index: int) -> None:
     _mkdir(d + "/fd")
     _put(d + "/cmdline", "".join(a + "\0" for a in vm.cmdline).encode())
     _put(d + "/comm", _line(comm))
-    _put(d + "/cgroup", _line(f"0::{vm.cgroup}"))
+    _put(d + "/cgroup", proc_cgroup_text(spec, vm.cgroup).encode())
     common = dict(
         ppid=vm.ppid,
         uid=vm.uid,
@@ -1012,7 +1065,7 @@ def _write_vm(root: str, spec: HostSpec, vm: VmProc, index: int) -> None:
             _put(t + "/status", tstatus.encode())
             _put(t + "/stat", tstat.encode())
             _put(t + "/comm", _line(tcomm))
-            _put(t + "/cgroup", _line(f"0::{vm.cgroup}"))
+            _put(t + "/cgroup", proc_cgroup_text(spec, vm.cgroup).encode())
             _put(t + "/cmdline", "".join(a + "\0" for a in vm.cmdline).encode())
 
 
@@ -1027,7 +1080,7 @@ def _write_debugfs(root: str, spec: HostSpec) -> None:
         if not vm.debugfs:
             continue
         tid = vm.tid if vm.tid is not None else vm.pid
-        for n, fd in enumerate(vm.vm_fds):
+        for n, fd in enumerate([*vm.vm_fds, *vm.closed_vm_fds]):
             d = f"{kvm}/{tid}-{fd}"
             _mkdir(d)
             for name in _DEBUGFS_KVM_STATS:
@@ -1181,6 +1234,7 @@ def build(root: Path, spec: HostSpec) -> Path:
     for dom in spec.libvirt:
         reserved.add(dom.pid)
     _write_filler(top, spec, reserved)
+    _write_namespaces(top, spec)
     _write_debugfs(top, spec)
     _write_libvirt(top, spec)
     for rel, data in spec.extra_files.items():

@@ -12,6 +12,9 @@ Commands on stdin, one per line, each answered with a JSON line:
   close FD       destroy the VM held by descriptor FD  -> {"closed": 1}
   burst N K      create N VMs as fast as possible,
                  then destroy all but the last K       -> {"created": N, "kept": [fds]}
+  vcpus FD N     create N vCPUs (KVM_CREATE_VCPU) on
+                 the VM of descriptor FD              -> {"vcpus": [fds]}
+  close-vcpus    close every vCPU descriptor held     -> {"closed": N}
 End of input exits.
 """
 
@@ -25,6 +28,7 @@ import sys
 import threading
 
 KVM_CREATE_VM = 0xAE01
+KVM_CREATE_VCPU = 0xAE41  # _IO(KVMIO, 0x41), on a VM fd; the argument is the vCPU id
 
 
 def create(kvm: int, count: int, out: dict[str, object], hold: threading.Event | None) -> None:
@@ -59,9 +63,20 @@ def main(argv: list[str]) -> int:
         create(kvm, count, result, None)
     print(json.dumps(result), flush=True)
     fds = list(result["fds"])  # type: ignore[call-overload]
+    vcpus: list[int] = []
     for line in sys.stdin:
         words = line.split()
-        if words[:1] == ["close"] and len(words) == 2:
+        if words[:1] == ["vcpus"]:
+            vm, n = int(words[1]), int(words[2])
+            made = [fcntl.ioctl(vm, KVM_CREATE_VCPU, i) for i in range(n)]
+            vcpus.extend(made)
+            print(json.dumps({"vcpus": made}), flush=True)
+        elif words[:1] == ["close-vcpus"]:
+            for fd in vcpus:
+                os.close(fd)
+            print(json.dumps({"closed": len(vcpus)}), flush=True)
+            vcpus = []
+        elif words[:1] == ["close"] and len(words) == 2:
             fd = int(words[1])
             fds.remove(fd)
             os.close(fd)

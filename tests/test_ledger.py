@@ -125,3 +125,43 @@ def test_teardown_unconfirmable_names_the_reason() -> None:
     problem = Problem("absent", "/sys/fs/cgroup/misc.current", "does not exist")
     assert ledger.confirm_teardowns(problem) == []
     assert entry.teardown == "unconfirmable: root misc.current does not exist"
+
+
+# -- VMs held by vCPU descriptors alone ------------------------------------------------
+
+
+def vcpu_handle(fd: int, pid: int = PID) -> VmHandle:
+    return VmHandle(None, fd, pid, f"/proc/{pid}/fd/{fd} -> kvm-vcpu, no kvm-vm fd left", True)
+
+
+def test_a_vm_whose_fd_closed_stays_one_live_vm_when_vcpus_hold_it() -> None:
+    ledger = found_by_proc(4, 5)
+    [td] = [e for e in ledger.live if e.vm_fd == 4]
+    td.kind = "td"
+    # fd 4 closed; its vCPU fd 9 keeps the VM alive: the TD is renamed, not destroyed.
+    assert ledger.reconcile([vcpu_handle(9), proc_handle(5)], "proc") == (0, 0, 0)
+    assert live(ledger) == [(None, PID, 5), (None, PID, 9)]
+    assert td.vcpu_only and td.vm_fd == 9 and td.kind == "td" and td.alive
+    assert [e.label() for e in ledger.live_tds()] == [td.label()]
+    assert list(ledger.history) == []
+
+
+def test_a_destroy_without_descriptor_never_takes_a_vcpu_held_vm() -> None:
+    ledger = VmLedger()
+    ledger.reconcile([vcpu_handle(9), proc_handle(5)], "proc")
+    # VM 5's descriptor is gone; the vCPU-held VM has no kvm-vm fd either, and stays.
+    gone = ledger.event_destroy(PID, PID, None, count=1, fds_of=fds_now())
+    assert gone is not None and gone.vm_fd == 5
+    assert live(ledger) == [(None, PID, 9)]
+
+
+def test_classification_reaches_a_vcpu_held_vm() -> None:
+    from tdx_preflight.readers.kvm import Guest
+
+    ledger = VmLedger()
+    ledger.reconcile([vcpu_handle(9)], "proc")
+    g = Guest(PID, None, 9, "td", "td1", ("misc.current tdx 1",), vcpu_only=True)
+    assert ledger.classify([g]) is True
+    [e] = ledger.live
+    assert (e.kind, e.name, e.to_json()["vcpu_only"]) == ("td", "td1", True)
+    assert ledger.view().tds_not_destroyed == ("td1 (pid 4000)",)

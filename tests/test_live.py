@@ -35,20 +35,24 @@ def test_check_on_this_machine_prints_a_report_and_exits_0() -> None:
 
 
 def test_live_td_is_seen_by_guests_and_check_then_gone(kvm_holder) -> None:
-    td = kvm_holder(*TD_ARGS)
     plain = kvm_holder(*VM_ARGS)
+    [g_vm] = _by_pid(run_cli("guests", "--format", "json").json()["guests"], plain.pid)
+    assert g_vm["kind"] == "vm" and g_vm["name"] == "plain-live"
+    assert statuses(run_cli("check", "--format", "json").json())["guests.vm"] == "warn"
+    # A TD found on positive evidence puts TDX in use (rules v2): from then on a VM
+    # without evidence is classified by the root misc count (step 3).
+    td = kvm_holder(*TD_ARGS)
     listed = run_cli("guests", "--format", "json").json()["guests"]
     [g_td] = _by_pid(listed, td.pid)
     assert g_td["kind"] == "td"
     assert g_td["name"] == "td-live"
     assert g_td["vm_fd"] == td.fds[0]
     assert any("tdx-guest" in e for e in g_td["evidence"])
-    [g_vm] = _by_pid(listed, plain.pid)
-    assert g_vm["kind"] == "vm" and g_vm["name"] == "plain-live"
+    assert _by_pid(listed, plain.pid)
 
     report = run_cli("check", "--format", "json").json()
     assert {g["pid"] for g in report["guests"]} >= {td.pid, plain.pid}
-    assert statuses(report)["guests.vm"] == "warn"
+    assert statuses(report)["guests.td"] == "fail"
     text = run_cli("guests").stdout
     assert "td-live" in text and "plain-live" in text
 
@@ -66,3 +70,36 @@ def test_vm_created_by_a_thread_maps_to_its_process(kvm_holder) -> None:
     assert all(g["kind"] == "td" for g in listed)
     # debugfs names the creating thread; the /proc scan cannot know it.
     assert {g["tid"] for g in listed} <= {h.tid, None}
+
+
+def _guests_without_debugfs() -> list[dict]:
+    """`tdx-preflight guests` on the live root in a mount namespace without debugfs, so
+    the VM can only be found through /proc (tests/daemonproc.py's namespace)."""
+    import json
+    import subprocess
+
+    from conftest import console_script
+    from daemonproc import in_mount_namespace
+
+    cmd = in_mount_namespace([console_script(), "guests", "--format", "json"], debugfs=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode in (0, 3), out.stderr
+    data = json.loads(out.stdout)
+    assert data["enumeration"]["method"] == "proc", data["enumeration"]
+    return data["guests"]
+
+
+def test_a_vm_whose_fd_closed_lives_on_through_its_vcpus(kvm_holder) -> None:
+    h = kvm_holder(*VM_ARGS)
+    [vm_fd] = h.fds
+    vcpus = h.command(f"vcpus {vm_fd} 2")["vcpus"]
+    assert len(vcpus) == 2
+    h.close_vm(vm_fd)  # the VM lives on: its vCPU fds hold a reference
+    [g] = _by_pid(_guests_without_debugfs(), h.pid)
+    assert g["held_by"] == "kvm-vcpu fds only" and g["vm_fd"] in vcpus
+    assert g["kind"] == "vm" and g["name"] == "plain-live"
+    # Also with debugfs, when it is there: one VM, never two.
+    listed = _by_pid(run_cli("guests", "--format", "json").json()["guests"], h.pid)
+    assert len(listed) == 1
+    h.command("close-vcpus")
+    assert not _by_pid(_guests_without_debugfs(), h.pid)

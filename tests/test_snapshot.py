@@ -101,6 +101,28 @@ SCENARIOS: dict[str, Scenario] = {
         ("images/web1.qcow2", "images/tdweb.qcow2", "/var/lib/tdx/td-guest.raw"),
     ),
     "odd": Scenario(tdx_host, set(), post=_odd_host),
+    # A TD held by vCPU fds alone (its kvm-vm fd closed), on a cgroup v1 host, with the
+    # capturing process's namespace link: all three replay.
+    "vcpu_held_v1": Scenario(
+        lambda: tdx_host(
+            debugfs_kvm=False,
+            cgroup_layout="v1",
+            cgroup_ns=4026531835,
+            processes=[
+                VmProc(
+                    pid=4242,
+                    cmdline=qemu_vm_cmdline("t"),
+                    vm_fds=[],
+                    closed_vm_fds=[12],
+                    misc_tdx=1,
+                    cgroup="/machine.slice/t.scope",
+                )
+            ],
+            misc_current={"tdx": 1},
+        ),
+        {4242},
+        ("images/t.qcow2",),
+    ),
 }
 
 
@@ -237,8 +259,9 @@ def test_tree_holds_only_vm_holders_proc_entries(captured: Results, name: str) -
     assert c.manifest["vm_holders"] == sorted(SCENARIOS[name].holders)
     for pid in in_tree:
         fd = c.tree / "proc" / str(pid) / "fd"
-        # Only kvm-vm descriptors are kept; other links name files the checks never read.
-        assert all(os.readlink(link) == "anon_inode:kvm-vm" for link in fd.glob("*"))
+        # Only KVM descriptors are kept; other links name files the checks never read.
+        kvm_links = ("anon_inode:kvm-vm", "anon_inode:kvm-vcpu:")
+        assert all(os.readlink(link).startswith(kvm_links) for link in fd.glob("*"))
 
 
 def test_fillers_scanned_through_proc_are_dropped(captured: Results) -> None:
@@ -247,7 +270,7 @@ def test_fillers_scanned_through_proc_are_dropped(captured: Results) -> None:
     assert vm["evidence"]["vm_enumeration"] == "proc"  # every filler's fd directory was read
     assert c.manifest["omitted"]["processes_without_vms"] == FILLERS
     fds = sorted(p.name for p in (c.tree / "proc/5000/fd").iterdir())
-    assert fds == ["12"]
+    assert fds == ["12", "13", "14"]  # the VM and its two vCPUs
 
 
 @pytest.mark.parametrize("name", ["qemu_td", "fillers"])
@@ -321,9 +344,11 @@ def test_archive_members_are_root_owned_and_relative(captured: Results) -> None:
     assert members and all(m.uid == 0 and m.gid == 0 for m in members)
     assert not any(m.name.startswith("/") or ".." in m.name.split("/") for m in members)
     assert "SNAPSHOT.json" in {m.name for m in members}
-    # The only links are the VM holder's kvm-vm descriptors (the /proc half of enumeration).
+    # The only links are the VM holder's KVM descriptors (the /proc half of enumeration).
     assert {(m.name, m.linkname) for m in members if m.issym()} == {
-        ("proc/4242/fd/12", "anon_inode:kvm-vm")
+        ("proc/4242/fd/12", "anon_inode:kvm-vm"),
+        ("proc/4242/fd/13", "anon_inode:kvm-vcpu:0"),
+        ("proc/4242/fd/14", "anon_inode:kvm-vcpu:1"),
     }
 
 

@@ -18,12 +18,15 @@ class Outcome(NamedTuple):
     summary: str
     evidence: dict[str, Any] | None = None
     remedy: str | None = None
+    #: Set by at_worst_warn: why this row is capped at warn here (kept when the
+    #: TDX-use gate replaces the outcome, so the cap still applies).
+    cap: str | None = None
 
     def at_worst_warn(self, why: str) -> Outcome:
         """Cap fail/unknown at warn (an advisory phase or host); say why in the summary."""
         if self.status in ("fail", "unknown"):
-            return Outcome("warn", f"{self.summary} ({why})", self.evidence, self.remedy)
-        return self
+            return Outcome("warn", f"{self.summary} ({why})", self.evidence, self.remedy, why)
+        return self._replace(cap=why)
 
 
 CheckFn = Callable[[HostFacts, str], Outcome]
@@ -43,15 +46,36 @@ class Check(NamedTuple):
     skips: dict[str, str]
 
     def evaluate(self, facts: HostFacts, phase: str) -> Outcome:
-        if self.tdx_only and not facts.tdx_use.evaluated:
-            return Outcome(
-                "skip",
-                "TDX is not in use on this host",
-                {"tdx_in_use": facts.tdx_use.sources},
-            )
+        """The row's outcome; a TDX-only row is skip when TDX is not in use and
+        unknown (naming the unreadable sources) when that cannot be told, unless
+        the row does not apply in this phase at all (then skip)."""
+        use = facts.tdx_use
+        if self.tdx_only and use.state == "no":
+            return Outcome("skip", "TDX is not in use on this host", {"tdx_in_use": use.sources})
         if phase in self.skips:
             return Outcome("skip", self.skips[phase])
-        return self.func(facts, phase)
+        if not self.tdx_only or use.state == "yes":
+            return self.func(facts, phase)
+        own = self.func(facts, phase)
+        if own.status == "skip":
+            return own
+        out = tdx_use_unknown(use.sources, use.unreadable)
+        return out.at_worst_warn(own.cap) if own.cap else out
+
+
+def tdx_use_unknown(sources: dict[str, str], unreadable: tuple[str, ...]) -> Outcome:
+    """A TDX-only row when whether TDX is in use cannot be told."""
+    named = ", ".join(unreadable) or "a TDX source"
+    if any("not the host's" in sources.get(n, "") for n in unreadable):
+        remedy = "Run the check in the host's PID and cgroup namespaces (not in a container)."
+    else:
+        remedy = f"Make {named} readable (run as root), then run again."
+    return Outcome(
+        "unknown",
+        f"cannot tell whether TDX is in use: could not read {named}",
+        {"tdx_in_use": "unknown", "sources": sources},
+        remedy,
+    )
 
 
 REGISTRY: dict[str, Check] = {}

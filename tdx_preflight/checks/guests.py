@@ -35,6 +35,40 @@ def _by_kind(facts: HostFacts, kind: str) -> list[Guest]:
     return [g for g in facts.guests if g.kind == kind]
 
 
+def _leaked(facts: HostFacts) -> tuple[int, ...]:
+    """Distinct HKIDs the kernel log says leaked (`... HKID N is leaked`), sorted."""
+    log = facts.tdx_log
+    return () if isinstance(log, Problem) else tuple(sorted(set(log.leaked_hkids)))
+
+
+def _leak_absorbs(facts: HostFacts, count: int) -> bool:
+    """No VM exists, enumeration is complete and the log names at least `count` leaked
+    HKIDs: root misc.current counts the leak, not live TDs (DESIGN.md guests.td)."""
+    e = facts.enumeration
+    return not facts.guests and e.complete and len(_leaked(facts)) >= count
+
+
+def _misc_remedy(facts: HostFacts) -> str:
+    """How to make the root misc count readable, from what the host is (DESIGN.md Remedies)."""
+    cur = facts.root_tdx_current
+    view = facts.view
+    if view.misc_cgroup == "not the root" or view.cgroup_namespace.foreign:
+        return "Run the check in the host's cgroup namespace (not in a container)."
+    if isinstance(cur, Problem) and cur.kind == "permission":
+        return "Run as root so the root misc cgroup (misc.current) can be read."
+    if view.misc_cgroup == "v1":
+        return (
+            "This cgroup v1 host's misc hierarchy has no tdx count (a kernel before KVM TDX "
+            "accounting): shut the VMs down or identify them by their launch."
+        )
+    if view.misc_cgroup == "unavailable":
+        return (
+            "No misc cgroup is mounted (neither cgroup v2 nor v1's misc hierarchy): "
+            "shut the VMs down or identify them by their launch."
+        )
+    return "Use a kernel with KVM TDX misc cgroup accounting (Linux 6.16 or later)."
+
+
 def _enum_remedy(facts: HostFacts) -> str:
     e = facts.enumeration
     if e.problem is not None and e.problem.kind == "permission":
@@ -52,10 +86,12 @@ def _enum_remedy(facts: HostFacts) -> str:
     "down (its KeyID freed, its caches written back) before the jump. The misc cgroup's "
     "tdx count is the kernel's own tally of live TDs.",
     reads=(
-        "/sys/kernel/debug/kvm/ (else /proc/*/fd)",
+        "/sys/kernel/debug/kvm/ and /proc/*/fd (kvm-vm and kvm-vcpu descriptors)",
         "/proc/PID/{status,cmdline,comm,cgroup}",
-        "/sys/fs/cgroup/**/misc.current",
+        "/sys/fs/cgroup/**/misc.current (cgroup v1: /sys/fs/cgroup/misc/**)",
         "/run/libvirt/qemu/*.xml",
+        "/proc/self/ns/{pid,cgroup} (the host view)",
+        "/dev/kmsg (HKID N is leaked)",
     ),
     remedies={
         "fail": "Shut down or migrate the TD guests listed (virsh shutdown NAME, or stop the "
@@ -72,7 +108,15 @@ def guests_td(facts: HostFacts, phase: str) -> Outcome:
     evidence = _enumeration_evidence(facts)
     evidence["tds"] = [_brief(g) for g in tds]
     cur = facts.root_tdx_current
-    if tds or (isinstance(cur, int) and cur > 0):
+    if not tds and isinstance(cur, int) and cur > 0 and _leak_absorbs(facts, cur):
+        evidence["leaked_hkids"] = list(_leaked(facts))
+        outcome = Outcome(
+            "pass",
+            f"no TD guest alive: root misc.current tdx {cur} counts leaked KeyIDs "
+            "(guests.teardown)",
+            evidence,
+        )
+    elif tds or (isinstance(cur, int) and cur > 0):
         count = max(len(tds), cur if isinstance(cur, int) else 0)
         who = f": {_names(tds)}" if tds else f" (root misc.current tdx {cur})"
         outcome = Outcome(
@@ -88,7 +132,7 @@ def guests_td(facts: HostFacts, phase: str) -> Outcome:
             "unknown",
             f"{len(unknown)} VMs cannot be classified as TD or plain VM: {_names(unknown)}",
             evidence,
-            "Make the root misc cgroup readable (misc.current) or stop these VMs.",
+            f"{_misc_remedy(facts)} Or stop these VMs.",
         )
     elif not facts.enumeration.complete and not isinstance(cur, int):
         outcome = Outcome(
@@ -113,12 +157,17 @@ def guests_td(facts: HostFacts, phase: str) -> Outcome:
     why="A TD's KeyID is freed only after TDH.PHYMEM.CACHE.WB wrote its cache lines back; "
     "until the root misc cgroup's tdx count reads zero a teardown is still in progress or "
     "a KeyID leaked, and a kexec could leave dirty private cache lines behind.",
-    reads=("/sys/fs/cgroup/misc.current", "KVM VM enumeration", "the daemon's ledger"),
+    reads=(
+        "/sys/fs/cgroup/misc.{capacity,current} (cgroup v1: /sys/fs/cgroup/misc/)",
+        "KVM VM enumeration",
+        "the daemon's ledger",
+        "/dev/kmsg (HKID N is leaked)",
+    ),
     remedies={
         "fail": "Wait for the TD teardown to finish (misc.current tdx 0). If a KeyID leaked "
         "(dmesg: 'HKID ... is leaked'), only a cold reboot releases it.",
-        "unknown": "Make /sys/fs/cgroup/misc.current readable (cgroup v2 with the misc "
-        "controller, Linux 6.16 or later for KVM TDX accounting).",
+        "unknown": "Make the root misc.current readable (cgroup v2, or v1's misc hierarchy; "
+        "Linux 6.16 or later for KVM TDX accounting), from the host's cgroup namespace.",
     },
     skips={"load": "only checked before kexec -e", "crash": "only checked before kexec -e"},
 )
@@ -126,6 +175,9 @@ def guests_teardown(facts: HostFacts, phase: str) -> Outcome:
     cur = facts.root_tdx_current
     evidence = _enumeration_evidence(facts)
     reasons: list[str] = []
+    leaked = _leaked(facts)
+    if leaked:
+        evidence["leaked_hkids"] = list(leaked)
     if isinstance(cur, int) and cur > 0:
         reasons.append(f"root misc.current tdx {cur}: {cur} TD KeyIDs still held")
     ledger = facts.ledger
@@ -134,23 +186,30 @@ def guests_teardown(facts: HostFacts, phase: str) -> Outcome:
         reasons.append(
             f"the daemon saw {_n(len(ledger.tds_not_destroyed), 'TD')} created and never destroyed"
         )
-    if reasons:
-        return Outcome(
-            "fail",
-            "; ".join(reasons),
-            evidence,
-            "Wait until TD teardown completes (root misc.current tdx 0); a leaked KeyID "
-            "(dmesg 'HKID ... is leaked') needs a cold reboot.",
+    if leaked:
+        reasons.append(
+            f"the kernel log says HKID {', '.join(map(str, leaked))} leaked: only a cold "
+            "reboot releases it"
         )
+    if reasons:
+        remedy = "Wait until TD teardown completes (root misc.current tdx 0)."
+        if leaked:
+            remedy = (
+                "A leaked KeyID is never released by a kexec or a warm reboot: cold-reboot "
+                "(power-cycle) the host instead of kexec."
+            )
+        return Outcome("fail", "; ".join(reasons), evidence, remedy)
     if isinstance(cur, int):
         return Outcome("pass", "root misc.current tdx 0: every TD KeyID released", evidence)
-    if facts.enumeration.complete and not facts.guests:
+    # Without VMs only a count the kernel does not keep may be done without: a misc
+    # file that exists but is malformed or unreadable could hide a teardown in progress.
+    if facts.enumeration.complete and not facts.guests and cur.kind == "absent":
         return Outcome("pass", "no KVM VM exists", evidence)
     return Outcome(
         "unknown",
         f"cannot confirm TD teardown: root misc.current {cur}",
         evidence,
-        "Use a kernel with KVM TDX misc cgroup accounting (Linux 6.16 or later) and cgroup v2.",
+        _misc_remedy(facts),
     )
 
 
@@ -162,7 +221,7 @@ def guests_teardown(facts: HostFacts, phase: str) -> Outcome:
     question="Are plain (non-TD) KVM VMs alive? They die with the kexec.",
     why="kexec ends every process, VMs included; their owners lose them unless they were "
     "shut down or migrated first.",
-    reads=("/sys/kernel/debug/kvm/ (else /proc/*/fd)", "/proc/PID/*"),
+    reads=("/sys/kernel/debug/kvm/ and /proc/*/fd (kvm-vm and kvm-vcpu)", "/proc/PID/*"),
     remedies={
         "warn": "Shut down or migrate the VMs listed if their work matters.",
         "unknown": "Run as root, or mount debugfs, so VMs can be enumerated.",

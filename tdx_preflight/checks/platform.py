@@ -6,7 +6,7 @@ from typing import Any
 
 from ..facts import HostFacts
 from ..host import Problem
-from ..readers import msr
+from ..readers import kernel, msr
 from .base import Outcome, check, problem_remedy
 
 CODENAMES = {
@@ -34,7 +34,9 @@ def codename(family: int | None, model: int | None) -> str | None:
     "identified cannot be judged.",
     reads=("/proc/cpuinfo",),
     remedies={
-        "unknown": "Make /proc/cpuinfo readable (is /proc mounted?), then run again.",
+        "unknown": "Make /proc/cpuinfo readable (is /proc mounted?), then run again; a "
+        "cpuinfo whose CPU blocks disagree or lack vendor_id, cpu family, model or bugs is "
+        "not trusted.",
     },
 )
 def platform_cpu(facts: HostFacts, phase: str) -> Outcome:
@@ -57,8 +59,6 @@ def platform_cpu(facts: HostFacts, phase: str) -> Outcome:
         "codename": name,
         "cpus": len(info.cpus),
     }
-    if len(info.models) > 1 or len(info.vendors) > 1:
-        evidence["mixed"] = sorted(f"{c.vendor} {c.family}/{c.model}" for c in info.cpus)
     what = f"{first.model_name or first.vendor} (family {first.family} model {first.model}"
     what += f", {name})" if name else ")"
     suffix = "" if info.is_intel else ": not Intel, TDX does not apply"
@@ -95,6 +95,74 @@ def _msr_remedy(problem: Problem) -> str:
     return "Check the msr device; the MSR could not be read."
 
 
+def _not_used_because(facts: HostFacts) -> tuple[str, str]:
+    """Why the kernel does not use the TDX KeyIDs the BIOS reserved, and the fix,
+    from what was read (DESIGN.md "Remedies")."""
+    config = facts.config
+    if isinstance(config, kernel.KernelConfig) and config.values.get("CONFIG_INTEL_TDX_HOST") in (
+        None,
+        "n",
+    ):
+        return (
+            f"the kernel config ({config.source}) lacks INTEL_TDX_HOST",
+            "Boot a kernel built with TDX host support (CONFIG_INTEL_TDX_HOST), or disable "
+            "TDX in the BIOS.",
+        )
+    cmdline = facts.cmdline if isinstance(facts.cmdline, str) else ""
+    if not any(
+        w in ("kvm_intel.tdx=1", "kvm_intel.tdx=Y", "kvm_intel.tdx=y") for w in cmdline.split()
+    ):
+        return (
+            "kvm_intel.tdx=1 is not on the kernel command line",
+            "Add kvm_intel.tdx=1 to the kernel command line, or disable TDX in the BIOS.",
+        )
+    said = facts.module.sources.get("kernel log")
+    if facts.module.state == "failed" and said:
+        return (
+            f"kvm_intel.tdx=1 is set but the TDX module failed: {said}",
+            "Fix what the kernel log names (hibernation, KeyIDs, the module in the BIOS).",
+        )
+    return (
+        "kvm_intel.tdx=1 is set but no source reports TDX up",
+        "Read the kernel log (dmesg | grep -i tdx) for why TDX did not come up.",
+    )
+
+
+def _msr_warnings(facts: HostFacts, m: msr.MsrFacts) -> tuple[list[str], list[str], int | None]:
+    """(warnings, remedies, TDX KeyIDs from MSR 0x87) from the MSRs read."""
+    use = facts.tdx_use
+    warnings: list[str] = []
+    remedies: list[str] = []
+    tdx_keyids: int | None = None
+    keyid = m.readings[msr.KEYID_PARTITIONING]
+    if keyid.values:
+        tdx_keyids = max(v >> 32 for v in keyid.values.values())
+    disagree = [f"0x{i:x}" for i, r in m.readings.items() if not r.consistent]
+    if disagree:
+        warnings.append(f"CPUs disagree on MSR {', '.join(disagree)} (BIOS configuration)")
+        remedies.append("Check the BIOS TDX/TME settings of every package.")
+    seamrr = m.readings[msr.SEAMRR_PHYS_MASK].values
+    unlocked = sorted(c for c, v in seamrr.items() if v & (1 << 11) and not v & (1 << 10))
+    if unlocked:
+        warnings.append(
+            f"SEAMRR enabled but not locked (MSR 0x1401 bit 11 set, bit 10 clear) on "
+            f"{len(unlocked)} CPUs (e.g. CPU {unlocked[0]})"
+        )
+        remedies.append("Update or fix the BIOS: it must lock SEAMRR when it enables TDX.")
+    unread = m.unavailable or next(iter(keyid.problems.values()), None)
+    if use.state == "yes" and unread is not None:
+        warnings.append(f"TDX in use but MSR 0x87 cannot be read: {unread.detail}")
+        remedies.append(_msr_remedy(unread))
+    if use.state == "no" and tdx_keyids:
+        why, fix = _not_used_because(facts)
+        warnings.append(
+            f"the BIOS reserved {tdx_keyids} TDX KeyIDs (MSR 0x87) but the kernel does not "
+            f"use TDX: {why}"
+        )
+        remedies.append(fix)
+    return warnings, remedies, tdx_keyids
+
+
 @check(
     "platform.tdx",
     "TDX platform state",
@@ -111,45 +179,35 @@ def _msr_remedy(problem: Problem) -> str:
         "/sys/module/kvm_intel/parameters/tdx",
         "/dev/cpu/*/msr (0x87, 0x981, 0x982, 0x1401)",
         "TDX module state (sysfs, kernel log)",
+        "kernel config and command line (why BIOS KeyIDs go unused)",
     ),
     remedies={
         "warn": "Read the summary: load the msr module or run as root to read the MSRs; "
-        "fix the BIOS so every package has the same TDX setting; or enable TDX in the "
-        "kernel (kvm_intel.tdx=1) if the BIOS reservation is intended.",
+        "fix the BIOS so every package has the same TDX setting and SEAMRR is locked; or "
+        "boot a kernel with TDX host support and kvm_intel.tdx=1 if the BIOS reservation "
+        "is intended.",
     },
 )
 def platform_tdx(facts: HostFacts, phase: str) -> Outcome:
     if facts.is_intel is False:
         return Outcome("skip", "not an Intel CPU: TDX does not apply")
     use = facts.tdx_use
-    evidence: dict[str, Any] = {"tdx_in_use": use.state == "yes", "sources": use.sources}
+    evidence: dict[str, Any] = {"tdx_in_use": use.state, "sources": use.sources}
     warnings: list[str] = []
     remedies: list[str] = []
-    m = facts.msrs
     tdx_keyids: int | None = None
-    if m is not None:
-        evidence["msrs"] = _msr_evidence(m)
-        keyid = m.readings[msr.KEYID_PARTITIONING]
-        if keyid.values:
-            tdx_keyids = max(v >> 32 for v in keyid.values.values())
+    if facts.msrs is not None:
+        evidence["msrs"] = _msr_evidence(facts.msrs)
+        warnings, remedies, tdx_keyids = _msr_warnings(facts, facts.msrs)
+        if tdx_keyids is not None:
             evidence["tdx_keyids"] = tdx_keyids
-        disagree = [f"0x{i:x}" for i, r in m.readings.items() if not r.consistent]
-        if disagree:
-            warnings.append(f"CPUs disagree on MSR {', '.join(disagree)} (BIOS configuration)")
-            remedies.append("Check the BIOS TDX/TME settings of every package.")
-        unread = m.unavailable or next(iter(keyid.problems.values()), None)
-        if use.state == "yes" and unread is not None:
-            warnings.append(f"TDX in use but MSR 0x87 cannot be read: {unread.detail}")
-            remedies.append(_msr_remedy(unread))
-        if use.state == "no" and tdx_keyids:
-            warnings.append(
-                f"the BIOS reserved {tdx_keyids} TDX KeyIDs (MSR 0x87) but the kernel does not "
-                "use TDX"
-            )
-            remedies.append("Enable TDX in the kernel (kvm_intel.tdx=1) or disable it in the BIOS.")
-    if use.state == "no" and use.unreadable:
-        warnings.append(f"could not read {', '.join(use.unreadable)}: TDX use may be missed")
-        remedies.append("Run as root so every TDX source can be read.")
+    if use.state == "unknown":
+        warnings.append(
+            f"cannot tell whether TDX is in use: could not read {', '.join(use.unreadable)}"
+        )
+        remedies.append(
+            "Run as root, on the host (not in a container), so every TDX source can be read."
+        )
     if warnings:
         return Outcome("warn", "; ".join(warnings), evidence, " ".join(dict.fromkeys(remedies)))
     if use.state == "yes":

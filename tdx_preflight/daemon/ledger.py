@@ -51,6 +51,7 @@ class Entry:
         "serial",
         "teardown",
         "tid",
+        "vcpu_only",
         "vm_fd",
     )
 
@@ -76,6 +77,8 @@ class Entry:
         self.destroyed_by: str | None = None
         #: For a destroyed TD: "pending", "confirmed" or "unconfirmable: why".
         self.teardown: str | None = None
+        #: Held by vCPU descriptors alone: vm_fd is one of them (readers/kvm.VmHandle).
+        self.vcpu_only = False
 
     @property
     def alive(self) -> bool:
@@ -99,6 +102,7 @@ class Entry:
             "destroyed_by": self.destroyed_by,
             "teardown": self.teardown,
             "serial": self.serial,
+            "vcpu_only": self.vcpu_only,
         }
 
 
@@ -266,7 +270,8 @@ class VmLedger:
         cands.sort(key=lambda e: e.tid != tid)  # the creating thread's own first
         for fresh in (False, True):
             for e in cands:
-                if e.vm_fd is None or e.pid is None:
+                # A vCPU-held VM's kvm-vm fd is gone already: that proves nothing here.
+                if e.vm_fd is None or e.pid is None or e.vcpu_only:
                     continue
                 fds = fds_of(e.pid, fresh)
                 if fds is None or (isinstance(fds, frozenset) and e.vm_fd not in fds):
@@ -297,6 +302,7 @@ class VmLedger:
     @staticmethod
     def _take(unmatched: dict[Entry, None], e: Entry, h: VmHandle) -> None:
         del unmatched[e]
+        e.vcpu_only = h.vcpu_only
         e.vm_fd = h.vm_fd
         e.pid = e.pid if e.pid is not None else h.pid
         e.tid = e.tid if e.tid is not None else h.tid
@@ -335,6 +341,8 @@ class VmLedger:
             # Its creating thread exited before it could be mapped to a process.
             lambda e, h: e.pid is None and e.vm_fd == h.vm_fd and h.tid in (None, e.tid),
             lambda e, h: e.pid is None and e.vm_fd is None and h.tid in (None, e.tid),
+            # Its kvm-vm fd was closed and vCPUs hold it now: the same VM, renamed.
+            lambda e, h: h.vcpu_only and not e.vcpu_only and e.pid == h.pid,
         ]
         for fits in fallbacks:
             left: list[VmHandle] = []
@@ -351,6 +359,7 @@ class VmLedger:
                 deferred += 1  # debugfs outlives the destroy event for a moment
                 continue
             entry = self.create(h.tid, h.vm_fd, h.pid, by="reconcile", now=now)
+            entry.vcpu_only = h.vcpu_only
             entry.evidence.append("seen by reconcile")
             added += 1
         removed = 0

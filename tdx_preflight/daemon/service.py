@@ -65,7 +65,13 @@ def status_line(report: Report | None, ledger: VmLedger) -> str:
 
 def _guest_of(e: Entry) -> kvm.Guest:
     return kvm.Guest(
-        e.pid, e.tid, e.vm_fd if e.vm_fd is not None else -1, e.kind, e.name, tuple(e.evidence)
+        e.pid,
+        e.tid,
+        e.vm_fd if e.vm_fd is not None else -1,
+        e.kind,
+        e.name,
+        tuple(e.evidence),
+        vcpu_only=e.vcpu_only,
     )
 
 
@@ -414,10 +420,10 @@ class Daemon:
     def _check_teardowns(self) -> None:
         if not self.ledger.pending_teardowns():
             return
-        from ..readers import cgroup
+        from ..readers import cgroup, view
 
-        current = cgroup.read_misc(self.host, "misc.current")
-        count = cgroup.tdx_count(current, self.host.display("sys/fs/cgroup/misc.current"))
+        cgroup_ns = view.read_namespace(self.host, "cgroup").state
+        count = cgroup.read_misc_root(self.host, cgroup_ns).tdx_current(self.host)
         for e in self.ledger.confirm_teardowns(count):
             log.info("TD teardown confirmed: %s (root misc.current tdx %s)", e.label(), count)
         self._changed()

@@ -33,6 +33,7 @@ class CpuInfo(NamedTuple):
 
     @property
     def is_intel(self) -> bool:
+        """Every CPU block says vendor_id GenuineIntel (DESIGN.md's "Intel")."""
         return self.vendors == {"GenuineIntel"}
 
     def cpus_with_flag(self, flag: str) -> list[int]:
@@ -55,29 +56,78 @@ def _int(value: str | None) -> int | None:
 _KEYS = frozenset(
     ("processor", "vendor_id", "cpu family", "model", "model name", "stepping", "flags", "bugs")
 )
-_FIRST = frozenset(k[0] for k in _KEYS)
+#: Every block must name these (DESIGN.md "The checklist": a block without one is malformed).
+_REQUIRED = ("vendor_id", "cpu family", "model")
+#: ...and agree on them: CPUs of one host are one vendor, family and model.
+_AGREE = ("vendor_id", "cpu family", "model")
+
+
+def _blocks(text: str, path: str) -> list[dict[str, str]] | Problem:
+    """Split cpuinfo into blocks of the keys the checks use; a key twice in a block is malformed.
+
+    Every `key : value` line is checked for duplicates (the kernel prints each
+    field once per CPU, arch/x86/kernel/cpu/proc.c), not only the kept keys.
+    """
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    seen: set[str] = set()
+    for line in text.split("\n"):
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.rstrip()
+        if key == "processor":
+            current = {}
+            seen = set()
+            blocks.append(current)
+        elif key in seen:
+            n = current.get("processor", "?")
+            return Problem("malformed", path, f"processor {n}: {key!r} appears twice")
+        seen.add(key)
+        if key in _KEYS:
+            current[key] = value.strip()
+    return blocks
+
+
+def _consistency(blocks: list[dict[str, str]], path: str) -> Problem | None:
+    """A block lacking vendor, family or model (or bugs, when any block has it), or blocks
+    that disagree on vendor, family or model: malformed (nothing is inferred from it)."""
+    required = _REQUIRED + (("bugs",) if any("bugs" in b for b in blocks) else ())
+    first = blocks[0]
+    for block in blocks:
+        n = block.get("processor", "?")
+        for key in required:
+            if key not in block:
+                return Problem("malformed", path, f"processor {n} has no {key!r} line")
+        for key in _AGREE:
+            if block[key] != first[key]:
+                return Problem(
+                    "malformed",
+                    path,
+                    f"CPUs disagree on {key!r}: processor {first['processor']} says "
+                    f"{first[key][:40]!r}, processor {n} says {block[key][:40]!r}",
+                )
+    return None
 
 
 def parse_cpuinfo(data: bytes, path: str = PATH) -> CpuInfo | Problem:
     """Parse the kernel's cpuinfo text: one block per CPU, each opened by `processor`.
 
     Only the keys the checks use are kept (a 256-CPU host prints about 7,000
-    lines). A text with no processor line is malformed.
+    lines). Malformed (a Problem): no processor block, a field twice in one
+    block, a block without vendor_id, cpu family or model (or without bugs
+    when another block has it), blocks that disagree on those three, or a
+    number that does not parse.
     """
     text = data.decode("utf-8", errors="replace")
-    blocks: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    for line in text.split("\n"):
-        if not line or line[0] not in _FIRST:
-            continue
-        key, sep, value = line.partition(":")
-        key = key.rstrip()
-        if not sep or key not in _KEYS:
-            continue
-        if key == "processor":
-            current = {}
-            blocks.append(current)
-        current[key] = value.strip()
+    blocks = _blocks(text, path)
+    if isinstance(blocks, Problem):
+        return blocks
+    if not blocks:
+        return Problem("malformed", path, "no processor block")
+    bad = _consistency(blocks, path)
+    if bad is not None:
+        return bad
     cpus: list[Cpu] = []
     sets: dict[str, frozenset[str]] = {}  # hosts repeat one flags line on every CPU
 
@@ -91,16 +141,16 @@ def parse_cpuinfo(data: bytes, path: str = PATH) -> CpuInfo | Problem:
         processor = _int(block["processor"])
         if processor is None:
             return Problem("malformed", path, f"processor is not a number: {block['processor']!r}")
-        family = _int(block.get("cpu family"))
-        model = _int(block.get("model"))
-        if ("cpu family" in block and family is None) or ("model" in block and model is None):
+        family = _int(block["cpu family"])
+        model = _int(block["model"])
+        if family is None or model is None:
             return Problem(
                 "malformed", path, f"processor {processor}: family or model not a number"
             )
         cpus.append(
             Cpu(
                 processor=processor,
-                vendor=block.get("vendor_id", ""),
+                vendor=block["vendor_id"],
                 family=family,
                 model=model,
                 model_name=block.get("model name", ""),
@@ -109,8 +159,6 @@ def parse_cpuinfo(data: bytes, path: str = PATH) -> CpuInfo | Problem:
                 bugs=words(block.get("bugs", "")),
             )
         )
-    if not cpus:
-        return Problem("malformed", path, "no processor block")
     return CpuInfo(tuple(cpus))
 
 

@@ -10,21 +10,30 @@ import re
 from typing import NamedTuple
 
 from ..host import Host, Problem, parse_uint
-from .cgroup import misc_file, parse_misc, parse_proc_cgroup, tdx_count
+from .cgroup import MiscRoot, misc_file, parse_misc, parse_proc_cgroup, tdx_count
 
 DEBUGFS_KVM = "sys/kernel/debug/kvm"
 KVM_VM_LINK = "anon_inode:kvm-vm"
+KVM_VCPU_LINK = "anon_inode:kvm-vcpu:"
 LIBVIRT_QEMU = "run/libvirt/qemu"
 _DEBUGFS_ENTRY = re.compile(r"(\d{1,10})-(\d{1,10})")
 
 
 class VmHandle(NamedTuple):
-    """One live VM as enumeration found it."""
+    """One live VM as enumeration found it.
+
+    A VM whose kvm-vm descriptor was closed lives on while a vCPU descriptor is
+    open (DESIGN.md "VM enumeration"). When only vCPU descriptors show it,
+    `vcpu_only` is True and `vm_fd` is one of its vCPU descriptors: no kvm-vm
+    descriptor of that number exists, and the number stays taken while the VM
+    lives, so (pid, vm_fd) still names one VM for the daemon's ledger.
+    """
 
     tid: int | None  # the creating task (debugfs); None when only the /proc scan saw it
     vm_fd: int
     pid: int | None  # the holding process; None when debugfs alone saw it and its thread is gone
     source: str
+    vcpu_only: bool = False
 
 
 class Enumeration(NamedTuple):
@@ -56,12 +65,15 @@ class Guest(NamedTuple):
     evidence: tuple[str, ...]
     comm: str | None = None
     cgroup: str | None = None
+    #: True when only vCPU descriptors hold the VM (vm_fd is one of them).
+    vcpu_only: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {
             "pid": self.pid,
             "tid": self.tid,
             "vm_fd": self.vm_fd,
+            "held_by": "kvm-vcpu fds only" if self.vcpu_only else "kvm-vm fd",
             "kind": self.kind,
             "name": self.name,
             "comm": self.comm,
@@ -93,8 +105,30 @@ def tgid_of(host: Host, tid: int) -> int | Problem:
     return tgid
 
 
-def vm_fds(host: Host, pid: int) -> frozenset[int] | Problem:
-    """The descriptors of process `pid` whose links read `anon_inode:kvm-vm`.
+class KvmFds(NamedTuple):
+    """A process's KVM descriptors: kvm-vm fds, and vCPU fds by vCPU index."""
+
+    vm: frozenset[int]
+    vcpus: dict[int, list[int]]
+
+    def vcpu_only_vms(self) -> list[int]:
+        """A vCPU descriptor standing for each VM held by vCPUs alone.
+
+        vCPU ids restart at 0 in every VM, so the VMs with vCPUs number at least
+        the count of the most frequent index; those beyond the kvm-vm descriptors
+        are held by vCPUs only. Which vCPUs belong to which VM cannot be seen:
+        each such VM is named by one descriptor of that index, highest first (a
+        closed VM fd is the older VM's, most likely).
+        """
+        if not self.vcpus:
+            return []
+        _index, fds = max(self.vcpus.items(), key=lambda kv: (len(kv[1]), -kv[0]))
+        extra = len(fds) - len(self.vm)
+        return sorted(fds, reverse=True)[:extra] if extra > 0 else []
+
+
+def kvm_fds(host: Host, pid: int) -> KvmFds | Problem:
+    """The kvm-vm and kvm-vcpu descriptors of process `pid` (links in proc/PID/fd).
 
     Problem kind "absent" only when the process has gone (proc/PID no longer
     exists); any other kind means the descriptors could not be listed
@@ -109,18 +143,38 @@ def vm_fds(host: Host, pid: int) -> frozenset[int] | Problem:
                 "malformed", fds.path, "not a listable directory while the process exists"
             )
         return fds
-    found: set[int] = set()
+    vm: set[int] = set()
+    vcpus: dict[int, list[int]] = {}
     for fd in fds:
-        if host.readlink(f"{rel}/{fd}") == KVM_VM_LINK and (n := parse_uint(fd, 10)) is not None:
-            found.add(n)
-    return frozenset(found)
+        link = host.readlink(f"{rel}/{fd}")
+        if not isinstance(link, str) or not link.startswith("anon_inode:kvm-"):
+            continue
+        n = parse_uint(fd, 10)
+        if n is None:
+            continue
+        if link == KVM_VM_LINK:
+            vm.add(n)
+        elif link.startswith(KVM_VCPU_LINK):
+            index = parse_uint(link[len(KVM_VCPU_LINK) :], 10)
+            if index is not None:
+                vcpus.setdefault(index, []).append(n)
+    return KvmFds(frozenset(vm), vcpus)
 
 
-def _from_debugfs(host: Host, names: list[str]) -> tuple[list[VmHandle], list[str], list[str]]:
+def vm_fds(host: Host, pid: int) -> frozenset[int] | Problem:
+    """The descriptors of process `pid` whose links read `anon_inode:kvm-vm` (see kvm_fds)."""
+    found = kvm_fds(host, pid)
+    return found if isinstance(found, Problem) else found.vm
+
+
+def _from_debugfs(
+    host: Host, names: list[str], map_tids: bool = True
+) -> tuple[list[VmHandle], list[str], list[str]]:
     """Handles for the debugfs kvm directories; (handles, unparsable names, notes).
 
     A handle's pid is None when its creating thread has exited: the /proc scan
-    finds the holder (see _union).
+    finds the holder (see _union); also when `map_tids` is False (a foreign PID
+    namespace, where proc/TID is another task or none).
     """
     vms: list[VmHandle] = []
     bad: list[str] = []
@@ -133,12 +187,17 @@ def _from_debugfs(host: Host, names: list[str]) -> tuple[list[VmHandle], list[st
                 bad.append(name)
             continue
         tid, fd = int(m.group(1)), int(m.group(2))
-        pid = tgids.get(tid) or tgids.setdefault(tid, tgid_of(host, tid))
+        pid = None
+        if map_tids:
+            pid = tgids.get(tid) or tgids.setdefault(tid, tgid_of(host, tid))
         vms.append(VmHandle(tid, fd, pid if isinstance(pid, int) else None, f"debugfs kvm/{name}"))
     return vms, bad, []
 
 
-def _from_proc(host: Host) -> Enumeration:
+def _from_proc(host: Host, partial: bool = False) -> Enumeration:
+    if partial:
+        why = "a foreign PID namespace: /proc shows only part of the host"
+        return Enumeration(None, (), Problem("partial", host.display("proc"), why))
     entries = host.listdir("proc")
     if isinstance(entries, Problem):
         return Enumeration(None, (), entries)
@@ -148,13 +207,17 @@ def _from_proc(host: Host) -> Enumeration:
         pid = parse_uint(entry, 10)
         if pid is None:
             continue
-        fds = vm_fds(host, pid)
+        fds = kvm_fds(host, pid)
         if isinstance(fds, Problem):
             if fds.kind != "absent":  # absent: the process exited meanwhile
                 failed.append((pid, fds))
             continue
         vms.extend(
-            VmHandle(None, n, pid, f"/proc/{pid}/fd/{n} -> {KVM_VM_LINK}") for n in sorted(fds)
+            VmHandle(None, n, pid, f"/proc/{pid}/fd/{n} -> {KVM_VM_LINK}") for n in sorted(fds.vm)
+        )
+        vms.extend(
+            VmHandle(None, n, pid, f"/proc/{pid}/fd/{n} -> kvm-vcpu, no kvm-vm fd left", True)
+            for n in fds.vcpu_only_vms()
         )
     problem = None
     if failed:
@@ -178,7 +241,11 @@ def _union(debugfs: list[VmHandle], proc: tuple[VmHandle, ...]) -> tuple[list[Vm
     VM. A directory whose creating thread has exited is matched to the one
     unaccounted kvm-vm descriptor with that number, when there is exactly one.
     """
-    by_key = {(v.pid, v.vm_fd): v for v in proc}
+    by_key = {(v.pid, v.vm_fd): v for v in proc if not v.vcpu_only}
+    vcpu_held: dict[int | None, list[VmHandle]] = {}
+    for v in proc:
+        if v.vcpu_only:
+            vcpu_held.setdefault(v.pid, []).append(v)
     out: list[VmHandle] = []
     orphans: list[VmHandle] = []
     notes: list[str] = []
@@ -187,6 +254,9 @@ def _union(debugfs: list[VmHandle], proc: tuple[VmHandle, ...]) -> tuple[list[Vm
             orphans.append(d)
             continue
         p = by_key.pop((d.pid, d.vm_fd), None)
+        if p is None and vcpu_held.get(d.pid):
+            # Its kvm-vm fd is closed and vCPUs hold it: one VM, debugfs names it.
+            p = vcpu_held[d.pid].pop(0)
         out.append(d if p is None else d._replace(source=f"{d.source}; {p.source}"))
     for d in orphans:
         match = [v for v in by_key.values() if v.vm_fd == d.vm_fd]
@@ -200,23 +270,27 @@ def _union(debugfs: list[VmHandle], proc: tuple[VmHandle, ...]) -> tuple[list[Vm
             notes.append(f"VM {name}: creating thread {d.tid} has exited; holder not found")
             out.append(d)
     out.extend(by_key.values())  # in /proc only: debugfs lacks them (duplicate names)
+    out.extend(v for held in vcpu_held.values() for v in held)
     return out, notes
 
 
-def enumerate_vms(host: Host) -> Enumeration:
-    """The union of the debugfs kvm directories and a scan of proc/*/fd.
+def enumerate_vms(host: Host, proc_partial: bool = False) -> Enumeration:
+    """The union of the debugfs kvm directories and a scan of proc/*/fd (kvm-vm and vCPU fds).
 
     Either source alone still enumerates (method "debugfs" or "proc"); an
     unparsable debugfs name or a process whose descriptors cannot be listed
     makes the enumeration incomplete (`problem` set); neither source: method None.
+    `proc_partial` (a foreign PID namespace) leaves /proc out: it shows only part
+    of the host, and its numbers are not the host's (debugfs TIDs are not mapped).
     """
     names = host.listdir(DEBUGFS_KVM)
-    proc = _from_proc(host)
+    proc = _from_proc(host, proc_partial)
     if isinstance(names, Problem):
         note = f"debugfs not used: {names}"
         return Enumeration(proc.method, proc.vms, proc.problem, (*proc.notes, note))
-    debugfs, bad, notes = _from_debugfs(host, names)
-    problem = proc.problem
+    debugfs, bad, notes = _from_debugfs(host, names, map_tids=not proc_partial)
+    # debugfs lists every VM of the host even when /proc shows only part of it.
+    problem = None if proc_partial else proc.problem
     if bad:
         problem = Problem(
             "malformed",
@@ -231,7 +305,9 @@ def enumerate_vms(host: Host) -> Enumeration:
     return Enumeration("debugfs+proc", tuple(vms), problem, (*notes, *more))
 
 
-def read_process(host: Host, pid: int) -> Process:
+def read_process(host: Host, pid: int, layout: str = "v2") -> Process:
+    """comm, cmdline and misc cgroup path of `pid` (`layout`: the misc hierarchy's, "v1"
+    reads the `misc` controller line of proc/PID/cgroup); what failed goes to `problems`."""
     problems: list[Problem] = []
     comm = host.read_text(f"proc/{pid}/comm", 4096)
     if isinstance(comm, Problem):
@@ -250,7 +326,7 @@ def read_process(host: Host, pid: int) -> Process:
         problems.append(cg)
         cgroup = None
     else:
-        cgroup = parse_proc_cgroup(cg)
+        cgroup = parse_proc_cgroup(cg, layout)
     return Process(pid, comm.strip() if comm else None, cmdline, cgroup, tuple(problems))
 
 
@@ -416,24 +492,31 @@ def classify(
     enumeration: Enumeration,
     tdx_in_use: str,
     root_tdx: int | Problem,
+    misc: MiscRoot | None = None,
 ) -> list[Guest]:
-    """Kind, name and evidence of every enumerated VM (DESIGN.md's three steps).
+    """Kind, name and evidence of every enumerated VM (DESIGN.md's four steps).
 
-    tdx_in_use is "yes" or "no" (facts.TdxUse.state).
+    tdx_in_use is "yes", "no" or "unknown" (facts.TdxUse.state, before the VMs
+    spoke: a TD found in step 1 makes it yes). `misc` is the misc hierarchy's
+    root (readers/cgroup.read_misc_root); None reads per-VM misc files at the
+    cgroup v2 mount. Per-VM misc counts are read only where the root is the
+    host's (layout v2 or v1).
     """
+    layout = misc.layout if misc is not None else "v2"
+    base = misc.base if misc is not None and misc.base else "sys/fs/cgroup"
     procs: dict[int, Process] = {}
     drafts: list[_Draft] = []
     for h in enumeration.vms:
         proc = None
         if h.pid is not None:
-            proc = procs.get(h.pid) or read_process(host, h.pid)
+            proc = procs.get(h.pid) or read_process(host, h.pid, layout)
             procs[h.pid] = proc
         drafts.append(_Draft(h, proc))
     libvirt, _ = read_libvirt(host) if drafts else ({}, [])
     misc_cache: dict[str, dict[str, int] | Problem] = {}
 
     def misc_current(cg: str) -> int | Problem:
-        rel = misc_file(cg, "misc.current")
+        rel = misc_file(cg, "misc.current", base)
         if cg not in misc_cache:
             text = host.read_text(rel)
             misc_cache[cg] = (
@@ -451,7 +534,7 @@ def classify(
         proc = d.proc
         if proc is None:
             continue
-        if proc.cgroup:
+        if proc.cgroup and layout in ("v2", "v1"):
             # Its own cgroup counts as it is; an ancestor only while it holds no other VM.
             for n, anc in enumerate(_ancestors(proc.cgroup)):
                 if n and holders[anc] != {proc.pid}:
@@ -481,14 +564,23 @@ def classify(
                 )
         if d.name is None:
             d.name = proc.comm
-    # Steps 2 and 3.
+    # Steps 2 to 4.
     found = sum(1 for d in drafts if d.td)
+    in_use = "yes" if found else tdx_in_use
     guests: list[Guest] = []
     for d in drafts:
+        dom = libvirt.get(d.proc.pid) if d.proc is not None else None
         if d.td:
             kind = "td"
-        elif tdx_in_use == "no":
+        elif dom is not None:
+            # Step 2: libvirt wrote the command line it runs, and it asked for no TD.
             kind = "vm"
+            d.evidence.append(f"libvirt domain {dom.name} has no TDX launchSecurity: vm")
+        elif in_use == "no":
+            kind = "vm"
+        elif in_use == "unknown":
+            kind = "unknown"
+            d.evidence.append("no TD evidence and whether TDX is in use is unknown")
         elif isinstance(root_tdx, int):
             k = root_tdx - found
             if k > 0:
@@ -514,6 +606,7 @@ def classify(
                 evidence=tuple(d.evidence),
                 comm=p.comm if p else None,
                 cgroup=p.cgroup if p else None,
+                vcpu_only=d.handle.vcpu_only,
             )
         )
     return guests
