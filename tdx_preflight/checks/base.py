@@ -26,7 +26,18 @@ class Outcome(NamedTuple):
         return self
 
 
-CheckFn = Callable[[HostFacts, str], Outcome]
+class Settings(NamedTuple):
+    """What the configuration tells the checks that take it (policy.Policy.settings).
+
+    `sys_disable_module_versions`: TDX module versions (X.Y.ZZ) the operator vouches
+    implement TDH.SYS.DISABLE; `config_file`: where to add one (named in remedies).
+    """
+
+    sys_disable_module_versions: frozenset[str] = frozenset()
+    config_file: str = "/etc/tdx-preflight/config.yaml"
+
+
+CheckFn = Callable[..., Outcome]
 
 
 class Check(NamedTuple):
@@ -39,14 +50,18 @@ class Check(NamedTuple):
     reads: tuple[str, ...]
     remedies: dict[str, str]
     func: CheckFn
+    #: The function takes the configuration's Settings as a third argument.
+    settings: bool = False
 
-    def evaluate(self, facts: HostFacts, phase: str) -> Outcome:
+    def evaluate(self, facts: HostFacts, phase: str, settings: Settings | None = None) -> Outcome:
         if self.tdx_only and not facts.tdx_use.evaluated:
             return Outcome(
                 "skip",
                 "TDX is not in use on this host",
                 {"tdx_in_use": facts.tdx_use.sources},
             )
+        if self.settings:
+            return self.func(facts, phase, settings or Settings())
         return self.func(facts, phase)
 
 
@@ -63,13 +78,17 @@ def check(
     why: str,
     reads: tuple[str, ...],
     remedies: dict[str, str],
+    settings: bool = False,
 ) -> Callable[[CheckFn], CheckFn]:
-    """Declare a check next to its function; registration order is report order."""
+    """Declare a check next to its function; registration order is report order.
+
+    `settings=True`: the function is `func(facts, phase, settings)` (base.Settings).
+    """
 
     def register(func: CheckFn) -> CheckFn:
         assert id not in REGISTRY, id
         REGISTRY[id] = Check(
-            id, title, frozenset(blocking), tdx_only, question, why, reads, remedies, func
+            id, title, frozenset(blocking), tdx_only, question, why, reads, remedies, func, settings
         )
         return func
 

@@ -7,6 +7,7 @@ from typing import Any
 from ..facts import HostFacts
 from ..host import Problem
 from ..readers import msr
+from . import derived
 from .base import Outcome, check, problem_remedy
 
 CODENAMES = {
@@ -146,7 +147,7 @@ def platform_tdx(facts: HostFacts, phase: str) -> Outcome:
                 f"the BIOS reserved {tdx_keyids} TDX KeyIDs (MSR 0x87) but the kernel does not "
                 "use TDX"
             )
-            remedies.append("Enable TDX in the kernel (kvm_intel.tdx=1) or disable it in the BIOS.")
+            remedies.append(derived.enable_tdx_remedy(facts))
     if use.state == "no" and use.unreadable:
         warnings.append(f"could not read {', '.join(use.unreadable)}: TDX use may be missed")
         remedies.append("Run as root so every TDX source can be read.")
