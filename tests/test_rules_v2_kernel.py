@@ -197,13 +197,16 @@ def test_postkexec_on_7_1_takes_the_module_as_initialized_at_boot(tmp_path: Path
 # -- tdx.module ------------------------------------------------------------------------------
 
 
+def module_down(**overrides: Any) -> HostSpec:
+    """A host whose TDX module did not come up: KVM says N, no tdx_host, no misc tdx line."""
+    return tdx_host(
+        kvm_intel_tdx="N", tdx_host_version=None, misc_capacity={}, misc_current={}, **overrides
+    )
+
+
 def test_granite_rapids_6_14_vendor_kernel_tdmr_exhausted(tmp_path: Path) -> None:
-    spec = tdx_host(
+    spec = module_down(
         release="6.14.0-1007-intel",
-        kvm_intel_tdx="N",
-        tdx_host_version=None,
-        misc_capacity={},
-        misc_current={},
         kmsg=[
             "virt/tdx: BIOS enabled: private KeyID range [64, 128)",
             "virt/tdx: TDX module 2.0.08.00, build number 882",
@@ -225,13 +228,9 @@ def test_granite_rapids_6_14_vendor_kernel_tdmr_exhausted(tmp_path: Path) -> Non
 
 
 def test_emerald_rapids_module_not_loaded(tmp_path: Path) -> None:
-    spec = tdx_host(
+    spec = module_down(
         cpu="emerald_rapids",
         extra_bugs=["tdx_pw_mce"],
-        kvm_intel_tdx="N",
-        tdx_host_version=None,
-        misc_capacity={},
-        misc_current={},
         kmsg=[
             "virt/tdx: BIOS enabled: private KeyID range [32, 64)",
             "virt/tdx: module not loaded",

@@ -27,6 +27,7 @@ class Erratum(NamedTuple):
 
     @property
     def affected(self) -> bool:
+        """True when any CPU shows the bug or the model is an affected one."""
         return bool(self.bug_cpus or self.models)
 
 

@@ -100,6 +100,17 @@ def tdx_module(facts: HostFacts, phase: str) -> Outcome:
     )
 
 
+def _vouched(facts: HostFacts, settings: Settings, evidence: dict[str, Any]) -> str | None:
+    """Record the module version in `evidence`; when sys_disable_module_versions lists it,
+    record that the outcome rests on the list and return the version."""
+    evidence["module_version"] = facts.module.version
+    vouched = derived.vouched_evidence(facts, settings)
+    if vouched is None:
+        return None
+    evidence.update(vouched)
+    return vouched["module_version"]
+
+
 UPDATE_STATES = ("idle", "receiving", "preparing", "transferring", "programming")
 
 
@@ -204,15 +215,11 @@ def errata_tdx_pw_mce(facts: HostFacts, phase: str, settings: Settings) -> Outco
     has = derived.sys_disable(facts)
     evidence["sys_disable"] = has.how
     if has.present:
-        evidence["module_version"] = facts.module.version
-        vouched = derived.vouched_evidence(facts, settings)
-        if vouched:
-            evidence.update(vouched)
+        if vouched := _vouched(facts, settings, evidence):
             return Outcome(
                 "pass",
                 f"{what}: the kernel runs TDH.SYS.DISABLE at kexec ({has.how}) and TDX module "
-                f"{vouched['module_version']} is listed in sys_disable_module_versions "
-                f"({settings.config_file})",
+                f"{vouched} is listed in sys_disable_module_versions ({settings.config_file})",
                 evidence,
             )
         version = facts.module.version or "of unknown version"
@@ -305,15 +312,11 @@ def postkexec_tdx(facts: HostFacts, phase: str, settings: Settings) -> Outcome:
             evidence,
             "Plan a cold reboot before TD guests must run on this host again.",
         )
-    evidence["module_version"] = mod.version
-    vouched = derived.vouched_evidence(facts, settings)
-    if vouched:
-        evidence.update(vouched)
+    if vouched := _vouched(facts, settings, evidence):
         return Outcome(
             "pass",
-            f"the kernel runs TDH.SYS.DISABLE at kexec and TDX module "
-            f"{vouched['module_version']} is listed in sys_disable_module_versions: the new "
-            "kernel can bring TDX up again",
+            f"the kernel runs TDH.SYS.DISABLE at kexec and TDX module {vouched} is listed in "
+            "sys_disable_module_versions: the new kernel can bring TDX up again",
             evidence,
         )
     version = mod.version or "of unknown version"
