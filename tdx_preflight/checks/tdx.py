@@ -225,7 +225,7 @@ def errata_tdx_pw_mce(facts: HostFacts, phase: str, settings: Settings) -> Outco
         version = facts.module.version or "of unknown version"
         return Outcome(
             "unknown",
-            f"{what}: the kernel runs TDH.SYS.DISABLE at kexec ({has.how}), but cannot tell "
+            f"{what}: the kernel runs TDH.SYS.DISABLE at kexec ({has.how}); userspace cannot tell "
             f"whether TDX module {version} implements TDH.SYS.DISABLE; without it the poison "
             "stays and the new kernel risks a machine check",
             evidence,
