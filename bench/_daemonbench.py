@@ -2,14 +2,13 @@
 
 Puts tests/ on sys.path (for DaemonProc and KvmHolder), and offers a VM maker
 child (bench/vm_maker.py), a persistent JSON-lines client, percentiles and
-/proc readings of a process's CPU time and RSS.
+a process's CPU time and RSS (psutil).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -34,8 +33,6 @@ __all__ = [
     "rss_mib",
 ]
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 
 def die_without_kvm() -> None:
     reason = kvm_usable()
@@ -51,20 +48,18 @@ def pct(values: list[float], p: float) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        raw = f.read()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    # fields[0] is field 3 (state): utime is field 14, stime field 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """user + system CPU seconds of a process (all its threads), through psutil."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Resident set size of a process in MiB, through psutil."""
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 def live_keys(status: dict[str, Any]) -> set[tuple[int | None, int | None]]:

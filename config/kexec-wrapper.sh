@@ -2,29 +2,19 @@
 # kexec-gated: runs kexec only when `tdx-preflight hook` allows it.
 #
 # WHAT IT DOES
-#   Works out from kexec's own arguments which phase(s) the call needs, runs
-#   `/usr/local/bin/tdx-preflight hook PHASE -- ARGS...` for each of them, and only when every
-#   hook exits 0 execs the real kexec with the same arguments, untouched. Otherwise kexec is not
-#   run and this script exits with the hook's code (1 block, 2 usage or configuration error,
+#   Runs `/usr/local/bin/tdx-preflight hook -- ARGS...` with kexec's own arguments, and only when
+#   the hook exits 0 execs the real kexec with the same arguments, untouched. Otherwise kexec is
+#   not run and this script exits with the hook's code (1 block, 2 usage or configuration error,
 #   3 unknown; 126/127 when tdx-preflight cannot be run at all). Arguments are only ever passed
 #   on as "$@": never evaluated, never joined into a shell string.
 #
-#   Phases, as kexec-tools' getopt loop reads the options:
-#     -e --exec -f --force --exec-live-update              exec
-#     -l --load --load-preserve-context --load-live-update  load    (with a kernel argument)
-#     --load-jump-back-helper                               load
-#     -p --load-panic                                       crash   (with a kernel argument)
-#     a kernel argument and none of the above               exec    (kexec's default action
-#                                                           loads, then runs shutdown(8), whose
-#                                                           scripts run `kexec -e`)
-#   -s (kexec_file_load), -c, -a, -i, -d, -x, -y, -t and the --append=... family only modify the
-#   action: `kexec -s -p KERNEL` is a crash load (kdump-tools runs exactly that). When the
-#   arguments name several actions (`-l -e`, or an option value that looks like one), every
-#   phase they name is checked. Bundled short options (-sp) and unambiguous abbreviations of
-#   long ones (--exe) count as well; an abbreviation of several counts as all of them.
-#   A call with no kernel argument and no -e/-f cannot load or execute anything (-u, -S, -h, -v,
-#   --print-ckr-size, `-p -u`, or a -l/-p that kexec rejects for want of a kernel): kexec runs
-#   without a check, so unloading never depends on the host's state.
+#   This script does not read kexec's arguments itself: the hook reads them with the one parser
+#   the gate has (tdx_preflight/kexec_args.py), as kexec-tools' getopt_long table reads them,
+#   and checks every phase they can perform: -l load, -p crash load, -e exec, -f and no action
+#   option at all load then exec, -s/-c only pick the syscall; `-l IMG -e` is checked as load
+#   and exec. Arguments it cannot read (an unknown or ambiguous option) are checked as every
+#   phase. A call that can neither load nor execute a kernel (-u, -p -u, -S, -h, -v,
+#   --print-ckr-size) has nothing to check: the hook allows it.
 #
 #   Environment (for tests and unusual installs; the defaults are what hosts use):
 #     KEXEC_GATED_PREFLIGHT  the tdx-preflight to run   (default /usr/local/bin/tdx-preflight)
@@ -63,10 +53,10 @@
 #     container's), and systemd-shutdown when /sbin/kexec cannot be executed at all (a symlink
 #     into an unmounted /usr/local): it then calls reboot(RB_KEXEC) directly, ungated.
 #   - Changes after the check: a TD guest started between the hook's answer and the jump.
-#   - Calls without a kernel argument and without -e/-f run unchecked (see above): they cannot
-#     load or execute a kernel, and a kernel already loaded is checked again at `kexec -e`
-#     only when that call goes through this script too.
-#   - Arguments it cannot interpret only ever add checks, never remove one.
+#   - Calls that can neither load nor execute a kernel run unchecked (see above); a kernel
+#     already loaded is checked again at `kexec -e` only when that call goes through this
+#     script too.
+#   - Arguments the hook cannot read only ever add checks, never remove one.
 
 me=kexec-gated
 preflight=${KEXEC_GATED_PREFLIGHT:-/usr/local/bin/tdx-preflight}
@@ -84,113 +74,16 @@ if [ -n "${KEXEC_GATED_ACTIVE:-}" ]; then
     exit 2
 fi
 
-want_exec=no
-want_load=no
-want_crash=no
-jump_back=no
-kernel_arg=no
-
-# A long option: its exact name, else every action option it abbreviates (getopt_long takes an
-# unambiguous prefix; an ambiguous one is an error there and an extra check here).
-long_option() {
-    name=${1#--}
-    case $name in
-        exec | force | exec-live-update)
-            want_exec=yes
-            return
-            ;;
-        load | load-preserve-context | load-live-update)
-            want_load=yes
-            return
-            ;;
-        load-jump-back-helper)
-            jump_back=yes
-            return
-            ;;
-        load-panic)
-            want_crash=yes
-            return
-            ;;
-        unload | status | help | version | print-ckr-size | kexec-file-syscall | kexec-syscall | \
-            kexec-syscall-auto | reuseinitrd | no-ifdown | no-sync | no-checks | debug)
-            return
-            ;;
+"$preflight" hook -- "$@" >&2
+code=$?
+if [ "$code" -ne 0 ]; then
+    case $code in
+        126 | 127) why="$preflight could not be run" ;;
+        *) why="tdx-preflight refused this kexec" ;;
     esac
-    for full in exec force exec-live-update; do
-        abbreviates "$name" "$full" && want_exec=yes
-    done
-    for full in load load-preserve-context load-live-update; do
-        abbreviates "$name" "$full" && want_load=yes
-    done
-    abbreviates "$name" load-jump-back-helper && jump_back=yes
-    abbreviates "$name" load-panic && want_crash=yes
-}
-
-# abbreviates PREFIX WORD: does WORD start with PREFIX?
-abbreviates() {
-    case $2 in "$1"*) return 0 ;; esac
-    return 1
-}
-
-# Short options, bundled or not. -t takes a value (-tVALUE); reading its letters as options can
-# only add a check.
-short_options() {
-    rest=$1
-    while [ -n "$rest" ]; do
-        letter=${rest%"${rest#?}"}
-        rest=${rest#?}
-        case $letter in
-            e | f) want_exec=yes ;;
-            l) want_load=yes ;;
-            p) want_crash=yes ;;
-        esac
-    done
-}
-
-options_ended=no
-for arg in "$@"; do
-    if [ "$options_ended" = yes ]; then
-        kernel_arg=yes
-        continue
-    fi
-    case $arg in
-        --) options_ended=yes ;;
-        --*) long_option "${arg%%=*}" ;;
-        -?*) short_options "${arg#-}" ;;
-        # The kernel, or the value of an option given as a separate argument (--initrd FILE):
-        # either way it can only add a check.
-        *) kernel_arg=yes ;;
-    esac
-done
-
-# Without a kernel argument -l and -p have nothing to load (kexec refuses them, or they pick the
-# image -u unloads); with one and no action option, kexec's default action ends in kexec -e.
-check_load=$jump_back
-check_crash=no
-if [ "$kernel_arg" = yes ]; then
-    [ "$want_load" = yes ] && check_load=yes
-    check_crash=$want_crash
-    if [ "$want_load" = no ] && [ "$want_crash" = no ]; then
-        want_exec=yes
-    fi
+    echo "$me: $why (exit $code); $real not run" >&2
+    exit "$code"
 fi
-phases=
-[ "$check_load" = yes ] && phases="$phases load"
-[ "$check_crash" = yes ] && phases="$phases crash"
-[ "$want_exec" = yes ] && phases="$phases exec"
-
-for phase in $phases; do
-    "$preflight" hook "$phase" -- "$@" >&2
-    code=$?
-    if [ "$code" -ne 0 ]; then
-        case $code in
-            126 | 127) why="$preflight could not be run" ;;
-            *) why="tdx-preflight refused the $phase phase" ;;
-        esac
-        echo "$me: $why (exit $code); $real not run" >&2
-        exit "$code"
-    fi
-done
 
 KEXEC_GATED_ACTIVE=1
 export KEXEC_GATED_ACTIVE

@@ -11,6 +11,7 @@ import click
 
 from . import __version__
 from .checks import PHASES, REGISTRY
+from .clioptions import StrictGroup
 from .report import EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_USAGE
 
 _common_root = click.option(
@@ -53,28 +54,37 @@ def _setup(root: str | None, config_path: str | None) -> tuple[Any, Any]:
     host_root = root or policy.root or "/"
     import os
 
-    if host_root.endswith((".tar.gz", ".tgz")) and os.path.isfile(host_root):
-        from .snapshot import SnapshotError, extract_snapshot
-
-        try:
-            # Removed at exit; `exec`-style commands that replace the process leave it behind.
-            host_root = extract_snapshot(host_root)
-        except SnapshotError as exc:
-            click.echo(f"tdx-preflight: {exc}", err=True)
-            sys.exit(EXIT_USAGE)
-    if not os.path.isdir(host_root):
+    snapshot = host_root.endswith((".tar.gz", ".tgz")) and os.path.isfile(host_root)
+    if not snapshot and not os.path.isdir(host_root):
         click.echo(f"tdx-preflight: root {host_root} is not a directory", err=True)
         sys.exit(EXIT_USAGE)
-    return Host(host_root), policy
+    if not snapshot and (host_root == "/" or not os.path.lexists(f"{host_root}/SNAPSHOT.json")):
+        return Host(host_root), policy
+    from .snapshot import SnapshotError, captured_unreadable, extract_snapshot
+
+    try:
+        if snapshot:
+            # Removed at exit and on SIGTERM, SIGHUP and SIGINT; `exec` removes it first.
+            host_root = extract_snapshot(host_root)
+        # What could not be read at capture stays unreadable (the manifest lists it).
+        return Host(host_root, captured_unreadable(host_root)), policy
+    except SnapshotError as exc:
+        click.echo(f"tdx-preflight: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=StrictGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tdx-preflight")
 def cli() -> None:
-    """May this Intel TDX host kexec (or load a kdump kernel) now, and why (not)."""
+    """May this Intel TDX host kexec (or load a kdump kernel) now, and why (not).
+
+    Every command reads its options wherever they stand; an option given
+    twice, or with an empty value, is a usage error (exit 2). check, hook and
+    exec exit 0 only on allow: their --help exits 2.
+    """
 
 
-@cli.command()
+@cli.command(help_exit=EXIT_USAGE)
 @common
 @click.option(
     "--phase",
@@ -103,16 +113,19 @@ def check(
     When a daemon watching the same root answers, its TD ledger feeds
     guests.teardown; otherwise the check runs alone and says so.
     """
-    report = _run_check(root, config_path, phase)
-    _metrics(metrics_file, report)
+    [report] = _run_checks(root, config_path, (phase,))
+    _metrics(metrics_file, [report])
     _show(report, fmt, verbose)
     sys.exit(report.exit_code)
 
 
-def _run_check(
-    root: str | None, config_path: str | None, phase: str, target_image: str | None = None
-) -> Any:
-    """Read the host afresh (with the daemon's TD ledger when it answers) and evaluate."""
+def _run_checks(
+    root: str | None,
+    config_path: str | None,
+    phases: tuple[str, ...],
+    target_image: str | None = None,
+) -> list[Any]:
+    """Read the host once (with the daemon's TD ledger when it answers); one report a phase."""
     from .daemon.client import daemon_ledger
     from .facts import gather
     from .report import evaluate
@@ -124,10 +137,11 @@ def _run_check(
         facts = gather(
             host, load_msr_module=policy.load_msr_module, ledger=d.ledger, target_image=target_image
         )
-        report = evaluate(facts, phase, policy, started)
-    report.extra["daemon"] = d.info
-    report.notes.append(d.note)
-    return report
+        reports = [evaluate(facts, phase, policy, started) for phase in phases]
+    for report in reports:
+        report.extra["daemon"] = d.info
+        report.notes.append(d.note)
+    return reports
 
 
 def _show(report: Any, fmt: str | None, verbose: bool = False) -> None:
@@ -139,13 +153,13 @@ def _show(report: Any, fmt: str | None, verbose: bool = False) -> None:
         click.echo(report_text(report, verbose=verbose, colour=use_colour()), color=use_colour())
 
 
-def _metrics(path: str | None, report: Any) -> None:
+def _metrics(path: str | None, reports: list[Any]) -> None:
     """Write the metrics file when asked; a failure is a warning, never an exit code."""
     if not path:
         return
     from .metrics import write_metrics
 
-    err = write_metrics(path, [report])
+    err = write_metrics(path, reports)
     if err:
         click.echo(f"tdx-preflight: warning: {err}", err=True)
 
@@ -159,6 +173,7 @@ def _metrics(path: str | None, report: Any) -> None:
 def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -> None:
     """List KVM VMs and TD guests, with the evidence that classified them.
 
+    On the live host, -v (and JSON) add each VM process's uptime and RSS.
     Exit 0 when the list is complete, 3 when VMs could not be enumerated.
     """
     from .daemon.client import daemon_ledger
@@ -172,6 +187,11 @@ def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -
     e = facts.enumeration
     cur = facts.root_tdx_current
     code = 0 if e.complete else EXIT_UNKNOWN
+    procs = None
+    if host.live and (verbose or fmt == "json"):
+        from .procinfo import process_info
+
+        procs = {g.pid: process_info(g.pid) for g in facts.guests if g.pid is not None}
     if fmt == "json":
         click.echo(
             dump_json(
@@ -185,14 +205,17 @@ def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -
                     },
                     "tdx_in_use": facts.tdx_use.state == "yes",
                     "root_misc_current_tdx": cur if isinstance(cur, int) else None,
-                    "guests": [g.to_json() for g in facts.guests],
+                    "guests": [
+                        {**g.to_json(), "process": procs.get(g.pid) if procs and g.pid else None}
+                        for g in facts.guests
+                    ],
                     "daemon": d.info,
                 }
             )
         )
     else:
         header = f"VMs via {e.method}" if e.method else "VM enumeration unavailable"
-        click.echo(guests_text(facts.guests, header, verbose))
+        click.echo(guests_text(facts.guests, header, verbose, e.complete, procs))
         if e.problem:
             click.echo(f"incomplete: {e.problem}", err=True)
         if isinstance(cur, int):
@@ -209,6 +232,12 @@ def daemon(root: str | None, config_path: str | None) -> None:
 
     host, policy = _setup(root, config_path)
     host.close()
+    if host.root != "/":
+        # Uevents describe the live kernel; applied to another tree they would lie.
+        raise click.UsageError(
+            f"the daemon watches the live host only; --root {host.root} is for check, "
+            "guests, hook and snapshot"
+        )
     sys.exit(run_daemon(policy, host.root, config_path))
 
 
@@ -222,26 +251,38 @@ def status(root: str | None, config_path: str | None, fmt: str) -> None:
 
     Exit 0/1/3 as for check, 4 when no daemon answers (nor a fresh state file).
     """
-    from .daemon.client import request
+    from .daemon.client import exchange
+    from .daemon.state import judge_status, read_state
     from .render import dump_json, status_text
 
-    _host, policy = _setup(root, config_path)
-    reply = request(policy.control_socket, {"op": "status"})
+    host, policy = _setup(root, config_path)
+    got = exchange(policy.control_socket, {"op": "status"})
     source = f"control socket {policy.control_socket}"
-    if reply is None or not reply.get("ok"):
-        from .daemon.state import read_state
-
-        boot = _host.read_value("proc/sys/kernel/random/boot_id")
-        _host.close()
+    if got is None or got.body.get("ok") is not True:
+        why_socket = "no daemon answers"
+    else:
+        stale = judge_status(
+            got.body, root=host.root, max_age=policy.state_max_age, peer_pid=got.peer_pid
+        )
+        why_socket = f"its reply is stale: {stale}" if stale else ""
+    reply = got.body if got is not None and not why_socket else None
+    if reply is None:
+        boot = host.read_value("proc/sys/kernel/random/boot_id")
         state, why = read_state(
-            policy.state_file, policy.state_max_age, boot if isinstance(boot, str) else None
+            policy.state_file,
+            policy.state_max_age,
+            boot if isinstance(boot, str) else None,
+            host.root,
         )
         if state is None:
-            click.echo(
-                f"tdx-preflight: no daemon answers on {policy.control_socket}; {why}", err=True
-            )
+            message = f"{why_socket} on {policy.control_socket}; {why}"
+            if fmt == "json":
+                click.echo(dump_json({"daemon": None, "exit_code": EXIT_NO_DAEMON, "why": message}))
+            click.echo(f"tdx-preflight: {message}", err=True)
+            host.close()
             sys.exit(EXIT_NO_DAEMON)
-        reply, source = state, f"state file {policy.state_file} (the socket did not answer)"
+        reply, source = state, f"state file {policy.state_file} ({why_socket} on the socket)"
+    host.close()
     reply["source"] = source
     if fmt == "json":
         click.echo(dump_json(reply))
@@ -295,13 +336,12 @@ def explain(root: str | None, config_path: str | None, check_id: str | None) -> 
     click.echo("\n".join(lines))
 
 
-_GATE = {"ignore_unknown_options": True, "allow_interspersed_args": False}
 _force = click.option("--force", is_flag=True, help="Override a block (root only; needs --reason).")
 _reason = click.option("--reason", default=None, help="Why the override is needed (logged).")
 
 
 def _blocked_line(report: Any) -> str:
-    """The one line a wrapper's log shows: what blocks, and the fix."""
+    """The one line a wrapper's log shows: what blocks (in which phase), and the fix."""
     blockers = [r for r in report.results if r.blocks]
     if not blockers:
         return f"tdx-preflight: {report.summary}"
@@ -340,7 +380,58 @@ def _gate(report: Any, ov: Any) -> int:
     return 0
 
 
-@cli.command(context_settings=_GATE)
+def _gate_check(
+    root: str | None,
+    config_path: str | None,
+    phases: tuple[str, ...],
+    kexec: Any,
+    ov: Any,
+    metrics_file: str | None,
+) -> tuple[Any, int]:
+    """Check every phase in `phases`: the deciding report (None when there is no phase), exit code.
+
+    The report that decides is the first phase that failed, else the first
+    that is unknown, else the first (all allow): so the exit code is 1 when
+    any phase failed, else 3 when any is unknown, else 0.
+    """
+    if not phases:
+        return None, 0
+    loads = kexec is not None and {"load", "crash"} & set(phases)
+    reports = _run_checks(root, config_path, phases, kexec.image if loads else None)
+    report = min(reports, key=lambda r: (r.exit_code != 1, r.exit_code != 3))
+    report.extra["gate"] = {
+        "phases": list(phases),
+        "by_phase": {
+            r.phase: {"verdict": r.verdict, "exit_code": r.exit_code, "summary": r.summary}
+            for r in reports
+        },
+        "kexec_unreadable": kexec.unreadable if kexec is not None else None,
+    }
+    if len(reports) > 1:
+        report.notes.append(
+            "phases checked: " + ", ".join(f"{r.phase} ({r.verdict})" for r in reports)
+        )
+    if kexec is not None and kexec.unreadable:
+        report.notes.append(f"kexec's arguments read as every phase: {kexec.unreadable}")
+    code = _gate(report, ov)
+    _metrics(metrics_file, reports)
+    return report, code
+
+
+def _nothing_to_check(fmt: str | None) -> None:
+    """kexec's arguments perform no load and no exec (-u, --status, --help): say so when asked."""
+    summary = "kexec's arguments perform no load, exec or crash load: nothing to check"
+    if fmt == "json":
+        from .render import dump_json
+
+        gate = {"phases": [], "by_phase": {}, "kexec_unreadable": None}
+        nothing = {"schema": 1, "verdict": "allow", "exit_code": 0, "summary": summary}
+        click.echo(dump_json({**nothing, "gate": gate}))
+    elif fmt == "text":
+        click.echo(f"tdx-preflight: {summary}")
+
+
+@cli.command(passthrough="kexec_args", passthrough_metavar="KEXEC ARGS", help_exit=EXIT_USAGE)
 @common
 @click.option(
     "--format",
@@ -352,8 +443,7 @@ def _gate(report: Any, ov: Any) -> int:
 @_force
 @_reason
 @_metrics_option
-@click.argument("phase", type=click.Choice(PHASES))
-@click.argument("kexec_args", nargs=-1, type=click.UNPROCESSED)
+@click.argument("phase", type=click.Choice(PHASES), required=False)
 def hook(
     root: str | None,
     config_path: str | None,
@@ -361,39 +451,43 @@ def hook(
     force: bool,
     reason: str | None,
     metrics_file: str | None,
-    phase: str,
-    kexec_args: tuple[str, ...],
+    phase: str | None,
+    kexec_args: tuple[str, ...] | None,
 ) -> None:
-    """For kexec wrappers: `hook PHASE [-- KEXEC ARGS...]`, exit 0 only on allow.
+    """For kexec wrappers: `hook [PHASE] [OPTIONS] [-- KEXEC ARGS...]`, exit 0 only on allow.
 
+    Checks every phase kexec's arguments can perform (read as kexec-tools
+    reads them), plus PHASE when given; blocks when any phase blocks.
     Re-reads at decision time everything that can change (VMs, misc cgroup,
-    kexec sysfs); the daemon is asked only for its TD ledger. With kexec's
-    arguments, a load names its kernel image, whose TDX support is reported
-    (target.kernel). On block, one line on stderr says what blocks and the fix.
+    kexec sysfs); the daemon is asked only for its TD ledger. A load names
+    its kernel image, whose TDX support is reported (target.kernel). On
+    block, one line on stderr says which phase blocks, what, and the fix.
     """
-    from .gate import parse_kexec_args
+    from .kexec_args import gate_phases, parse_kexec_args
 
     ov = _override(force, reason)
-    # After PHASE click hands everything over verbatim, the `--` separator included.
-    rest = list(kexec_args[1:] if kexec_args[:1] == ("--",) else kexec_args)
-    args = parse_kexec_args(rest)
-    image = args.image if phase in ("load", "crash") else None
-    report = _run_check(root, config_path, phase, image)
-    code = _gate(report, ov)
-    _metrics(metrics_file, report)
+    if phase is None and kexec_args is None:
+        raise click.UsageError("hook needs a PHASE, kexec's arguments after --, or both")
+    kexec = parse_kexec_args(kexec_args) if kexec_args is not None else None
+    report, code = _gate_check(
+        root, config_path, gate_phases(phase, kexec), kexec, ov, metrics_file
+    )
+    if report is None:
+        _nothing_to_check(fmt)
+        sys.exit(0)
     _show(report, fmt)
     if code and report.verdict == "block":
         click.echo(_blocked_line(report), err=True)
     sys.exit(code)
 
 
-@cli.command("exec", context_settings=_GATE)
+@cli.command("exec", passthrough="command", passthrough_metavar="COMMAND", help_exit=EXIT_USAGE)
 @common
 @click.option(
     "--phase",
     type=click.Choice(PHASES),
     default=None,
-    help="Default: from kexec's own arguments when COMMAND is kexec, else exec.",
+    help="A phase to check besides those of kexec's own arguments (COMMAND kexec), or exec.",
 )
 @click.option(
     "--format",
@@ -406,7 +500,6 @@ def hook(
 @_force
 @_reason
 @_metrics_option
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def exec_(
     root: str | None,
     config_path: str | None,
@@ -415,37 +508,37 @@ def exec_(
     force: bool,
     reason: str | None,
     metrics_file: str | None,
-    command: tuple[str, ...],
+    command: tuple[str, ...] | None,
 ) -> None:
     """Check, then replace this process with COMMAND only on allow.
 
     `tdx-preflight exec -- systemctl kexec`, `tdx-preflight exec -- kexec -e`.
-    On block the report is printed and the exit code is the check's.
+    With kexec as COMMAND, every phase its arguments can perform is checked;
+    any other COMMAND is checked as exec. --phase adds a phase. On block the
+    report is printed and the exit code is the check's.
     """
     import os
 
-    from .gate import parse_kexec_args
+    from .kexec_args import KexecArgs, gate_phases, parse_kexec_args
 
     ov = _override(force, reason)
-    if command[:1] == ("--",):
-        command = command[1:]
     if not command:
-        click.echo("tdx-preflight: exec needs a COMMAND (e.g. -- kexec -e)", err=True)
-        sys.exit(EXIT_USAGE)
-    image = None
-    if os.path.basename(command[0]) == "kexec":
-        args = parse_kexec_args(list(command[1:]))
-        phase = phase or args.phase
-        image = args.image if phase in ("load", "crash") else None
-    phase = phase or "exec"
-    report = _run_check(root, config_path, phase, image)
-    code = _gate(report, ov)
-    _metrics(metrics_file, report)
+        raise click.UsageError("exec needs -- COMMAND (e.g. -- kexec -e)")
+    if os.path.basename(command[0]).startswith("kexec"):
+        kexec = parse_kexec_args(command[1:])
+        phases = gate_phases(phase, kexec)
+    else:
+        kexec = None
+        phases = gate_phases(phase, KexecArgs(("exec",), None))
+    report, code = _gate_check(root, config_path, phases, kexec, ov, metrics_file)
     if code:
         _show(report, fmt)
+        click.echo(_blocked_line(report), err=True)
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
+    if "tdx_preflight.snapshot" in sys.modules:
+        sys.modules["tdx_preflight.snapshot"].remove_extractions()  # exec skips atexit
     try:
         os.execvp(command[0], list(command))
     except OSError as exc:

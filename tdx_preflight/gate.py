@@ -1,7 +1,8 @@
-"""The gate: the hook for kexec wrappers, the exec wrapper, and the override.
+"""The gate's override: who may force a blocked kexec through, and its record.
 
-Nothing here runs a shell or passes an argument through one: the hook only
-reads kexec's arguments, and exec replaces itself with the command's argv.
+kexec's arguments are read in kexec_args.py. Nothing of the gate runs a shell
+or passes an argument through one: the hook only reads kexec's arguments, and
+exec replaces itself with the command's argv.
 """
 
 from __future__ import annotations
@@ -9,55 +10,6 @@ from __future__ import annotations
 import os
 import pwd
 from typing import NamedTuple
-
-#: kexec options that take their value as the next argument (getopt_long style).
-_KEXEC_VALUE_OPTIONS = frozenset(
-    ("--initrd", "--ramdisk", "--append", "--command-line", "--dtb", "--type", "-t",
-     "--mem-min", "--mem-max", "--console-serial", "--entry")
-)  # fmt: skip
-_LOAD = frozenset(("-l", "--load", "-s", "--kexec-file-syscall", "-c", "--kexec-syscall"))
-_CRASH = frozenset(("-p", "--load-panic"))
-_EXEC = frozenset(("-e", "--exec"))
-
-
-class KexecArgs(NamedTuple):
-    phase: str | None  # what the arguments do: "load", "crash", "exec" or None
-    image: str | None  # the kernel image they name, if any
-
-
-def parse_kexec_args(args: list[str]) -> KexecArgs:
-    """Which phase kexec's arguments are for, and the image they load.
-
-    kexec takes the image as its one positional argument (`kexec -l IMAGE
-    --initrd=... --append=...`); short options may be bundled (`-sl`).
-    """
-    phase: str | None = None
-    image: str | None = None
-    skip = False
-    positional_only = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        if positional_only or not arg.startswith("-") or arg == "-":
-            if image is None:
-                image = arg
-            continue
-        if arg == "--":
-            positional_only = True
-            continue
-        name = arg.split("=", 1)[0]
-        if name in _KEXEC_VALUE_OPTIONS and "=" not in arg:
-            skip = True
-            continue
-        letters = set(arg[1:]) if not arg.startswith("--") else set()
-        if name in _CRASH or "p" in letters:
-            phase = "crash"
-        elif name in _LOAD or letters & {"l", "s", "c"}:
-            phase = phase or "load"
-        elif name in _EXEC or "e" in letters:
-            phase = phase or "exec"
-    return KexecArgs(phase, image)
 
 
 class Override(NamedTuple):

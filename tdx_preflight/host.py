@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
 
 ProblemKind = Literal["absent", "permission", "io", "malformed"]
@@ -26,6 +26,9 @@ ProblemKind = Literal["absent", "permission", "io", "malformed"]
 SMALL = 64 * 1024
 #: Cap for files that grow with the machine (cpuinfo of 2,048 CPUs is about 5.5 MB).
 LARGE = 8 * 1024 * 1024
+#: kallsyms is 5 to 20 MB on real kernels; a regular file over this is not one
+#: (DESIGN.md "Reading"), and reading it to its end would only cost time.
+KALLSYMS_MAX = 256 * 1024 * 1024
 #: Read size for streamed files.
 CHUNK = 1 << 20
 
@@ -71,7 +74,8 @@ _KIND_NAMES = {
 }
 
 
-def _kind_name(mode: int) -> str:
+def kind_name(mode: int) -> str:
+    """What a file type is, as a person says it: "a FIFO", "a character device"."""
     return _KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
 
 
@@ -113,10 +117,20 @@ class _Openat2:
 
 
 class Host:
-    """Reads under one root directory; the live host when root is `/`."""
+    """Reads under one root directory; the live host when root is `/`.
 
-    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
+    `unreadable` maps root-relative paths to the (kind, detail) of a read that failed
+    where the tree was captured (a snapshot's manifest): every read of such a path
+    gives that Problem again, so what could not be read stays unreadable on replay.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] = "/",
+        unreadable: Mapping[str, tuple[ProblemKind, str]] | None = None,
+    ) -> None:
         self.root = os.path.abspath(os.fspath(root))
+        self.unreadable = dict(unreadable or {})
         self.live = self.root == "/"
         self._prefix = "/" if self.live else self.root.rstrip("/") + "/"
         self._rootfd: int | None = None
@@ -130,6 +144,13 @@ class Host:
     def display(self, rel: str) -> str:
         """The path as a person reads it: absolute on the live host, root-joined otherwise."""
         return self._prefix + rel
+
+    def _captured(self, rel: str) -> Problem | None:
+        """The Problem a read of `rel` gave at capture, when it is one of `unreadable`."""
+        got = self.unreadable.get(rel) if self.unreadable else None
+        if got is None:
+            return None
+        return Problem(got[0], self.display(rel), f"{got[1]} (unreadable at capture)")
 
     def _open(self, rel: str, flags: int) -> int:
         # openat2 rejects flags that O_PATH does not take, O_NOCTTY among them.
@@ -160,6 +181,8 @@ class Host:
         self, rel: str, expected: str, chr_ok: bool = False
     ) -> tuple[int, os.stat_result] | Problem:
         """(fd, stat) of a regular file (or a character device when `chr_ok`)."""
+        if captured := self._captured(rel):
+            return captured
         try:
             fd = self._open(rel, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
@@ -169,7 +192,7 @@ class Host:
         if stat.S_ISREG(mode) or (chr_ok and stat.S_ISCHR(mode)):
             return fd, st
         os.close(fd)
-        return Problem("io", self.display(rel), f"is {_kind_name(mode)}, expected {expected}")
+        return Problem("io", self.display(rel), f"is {kind_name(mode)}, expected {expected}")
 
     # -- plain reads -------------------------------------------------------------
 
@@ -265,6 +288,8 @@ class Host:
 
     def listdir(self, rel: str) -> list[str] | Problem:
         """Names in a directory."""
+        if captured := self._captured(rel):
+            return captured
         path = self.display(rel)
         try:
             if self.live:
@@ -279,6 +304,8 @@ class Host:
 
     def readlink(self, rel: str) -> str | Problem:
         """The target of a symlink, never followed."""
+        if captured := self._captured(rel):
+            return captured
         path = self.display(rel)
         try:
             if self.live:
@@ -300,8 +327,10 @@ class Host:
         """Which of `names` appear as whole symbols in a kallsyms-format file.
 
         The file is read to its end in constant memory: a cut read could miss a
-        symbol and turn into a false "absent". A name matches only between the
-        type letter and the end of the line or the tab before `[module]`.
+        symbol and turn into a false "absent". Over KALLSYMS_MAX bytes it is
+        malformed (refused from its size when it is a regular file that says so).
+        A name matches only between the type letter and the end of the line or
+        the tab before `[module]`.
         """
         path = self.display(rel)
         wanted = {n.encode() for n in names}
@@ -313,6 +342,9 @@ class Host:
         if isinstance(opened, Problem):
             return opened
         fd = opened[0]
+        if opened[1].st_size > KALLSYMS_MAX:
+            os.close(fd)
+            return Problem("malformed", path, f"larger than {KALLSYMS_MAX >> 20} MiB")
         try:
             # One reused buffer: the last `overlap` bytes of a chunk are carried to the
             # front of the next, so a name across a chunk boundary is still whole.
@@ -326,6 +358,8 @@ class Host:
                 if not n:
                     break
                 total += n
+                if total > KALLSYMS_MAX:  # /proc/kallsyms reports size 0: count as we go
+                    return Problem("malformed", path, f"larger than {KALLSYMS_MAX >> 20} MiB")
                 end = keep + n
                 found.update(_symbols_in(buf, end, wanted, needles))
                 keep = min(overlap, end)

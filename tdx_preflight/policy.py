@@ -1,20 +1,33 @@
 """The YAML configuration: load, validate, defaults.
 
 A missing default file means defaults, and PyYAML is then never imported. An
-invalid file (bad YAML, an unknown key, a wrong type) raises ConfigError with
-the file, the line and what is wrong; the CLI turns it into exit code 2.
+invalid file raises ConfigError with the file, the line (where one exists) and
+what is wrong; the CLI turns it into exit code 2. Invalid is: not a regular file
+(a FIFO never hangs the command), over 1 MiB (refused, never cut), bad YAML, a
+key given twice or a key that is not a scalar (at any depth), an unknown key, a
+wrong type, a number out of range (.nan and .inf included), a control socket
+path longer than a unix socket address holds, and a `blocking` phase in which
+the check always skips. Nothing is ignored.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import stat
 from typing import Any, NamedTuple
 
 from .checks import PHASES, REGISTRY, Settings
+from .host import kind_name
 
 DEFAULT_PATH = "/etc/tdx-preflight/config.yaml"
 MSR_POLICIES = ("auto", "never")
+#: A configuration file larger than this is refused, never cut.
+MAX_SIZE = 1 << 20
+#: sun_path holds 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
+_MAP_TAG = "tag:yaml.org,2002:map"
 _MODULE_VERSION = re.compile(r"\d+\.\d+\.\d+")
 
 
@@ -77,61 +90,119 @@ class Policy(NamedTuple):
 def load(path: str | None) -> Policy:
     """Load `path`, or the default file when it exists, or the defaults."""
     if path is None:
-        if not os.path.exists(DEFAULT_PATH):
+        # A dangling link at the default path is a broken configuration, not an absent one.
+        if not os.path.lexists(DEFAULT_PATH):
             return Policy()
         path = DEFAULT_PATH
+    return parse(_read(path), path)
+
+
+def _read(path: str) -> str:
+    """The file's text: a regular file of at most MAX_SIZE bytes, read whole, never cut."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 20)
+        # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
     try:
-        text = data.decode("utf-8")
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(path, None, f"is {kind_name(mode)}, expected a regular file")
+        chunks: list[bytes] = []
+        total = 0
+        while total <= MAX_SIZE:
+            chunk = os.read(fd, MAX_SIZE + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if total > MAX_SIZE:
+        raise ConfigError(path, None, f"larger than {MAX_SIZE} bytes")
+    data = b"".join(chunks)
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(path, None, f"not UTF-8 at byte {exc.start}") from None
-    return parse(text, path)
+
+
+@functools.cache
+def _strict_loader() -> type:
+    """PyYAML's SafeLoader, except that a mapping key given twice or a key that is not
+    a scalar is a ConfigError at its line, at every nesting level.
+
+    Anchors and aliases are plain YAML and allowed. Merge keys (`<<`) are flattened
+    first, so a key both merged and given (or merged twice) is a duplicate: the
+    override YAML would allow is refused, never "the last one wins".
+    """
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        config_path = "<config>"
+
+        def checked_pairs(self, node: yaml.MappingNode) -> list[tuple[Any, Any]]:
+            self.flatten_mapping(node)
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                line = _line(key_node)
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise ConfigError(
+                        self.config_path, line, "a key must be a plain value, not a list or mapping"
+                    )
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise ConfigError(
+                        self.config_path,
+                        line,
+                        f"duplicate key {key_node.value!r} (first at line {first[key]})",
+                    )
+                first[key] = line
+            return node.value
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                self.checked_pairs(node)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 def parse(text: str, path: str = "<config>") -> Policy:
+    """Validate YAML `text` (read from `path`, named in errors) into a Policy."""
     import yaml
 
+    loader = _strict_loader()(text)
+    loader.config_path = path
     try:
-        loader = yaml.SafeLoader(text)
-        try:
-            node = loader.get_single_node()
-        finally:
-            loader.dispose()
+        node = loader.get_single_node()
+        if node is None:
+            return Policy(source=path)
+        # The settings are read from the nodes: a tag on the document (!!set, an
+        # unknown one) would otherwise be ignored, not constructed.
+        if not isinstance(node, yaml.MappingNode) or node.tag != _MAP_TAG:
+            raise ConfigError(path, _line(node), "expected a mapping of settings")
+        values: dict[str, Any] = {}
+        for key_node, value_node in loader.checked_pairs(node):
+            key = key_node.value
+            if key not in _SETTINGS:
+                known = ", ".join(sorted(_SETTINGS))
+                raise ConfigError(
+                    path, _line(key_node), f"unknown setting {key!r} (known: {known})"
+                )
+            value = loader.construct_object(value_node, deep=True)
+            values[key] = _SETTINGS[key](path, value_node, value)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(
             path, mark.line + 1 if mark else None, f"invalid YAML: {problem}"
         ) from None
-    if node is None:
-        return Policy(source=path)
-    if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(path, node.start_mark.line + 1, "expected a mapping of settings")
-    values: dict[str, Any] = {}
-    for key_node, value_node in node.value:
-        line = key_node.start_mark.line + 1
-        key = key_node.value
-        if key not in _SETTINGS:
-            known = ", ".join(sorted(_SETTINGS))
-            raise ConfigError(path, line, f"unknown setting {key!r} (known: {known})")
-        values[key] = _SETTINGS[key](path, value_node, _construct(value_node))
-    return Policy(source=path, **values)
-
-
-def _construct(node: Any) -> Any:
-    import yaml
-
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    except yaml.YAMLError as exc:
-        raise ConfigError("<config>", node.start_mark.line + 1, str(exc)) from None
     finally:
         loader.dispose()
+    return Policy(source=path, **values)
 
 
 def _line(node: Any) -> int:
@@ -139,7 +210,7 @@ def _line(node: Any) -> int:
 
 
 def _root(path: str, node: Any, value: Any) -> str:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "\0" in value:
         raise ConfigError(path, _line(node), "root: expected a directory path")
     return value
 
@@ -183,29 +254,53 @@ def _blocking(path: str, node: Any, value: Any) -> dict[str, frozenset[str]]:
                 _line(value_node),
                 f"blocking.{check_id}: expected a list of phases from {', '.join(PHASES)}",
             )
+        skips = REGISTRY[check_id].skips
+        for phase in phases:
+            if phase in skips:
+                raise ConfigError(
+                    path,
+                    _line(value_node),
+                    f"blocking.{check_id}: the check always skips in {phase} "
+                    f"({skips[phase]}), so blocking there can never take effect",
+                )
         out[check_id] = frozenset(phases)
     return out
 
 
-def _number(minimum: float, integer: bool = False) -> Any:
+def _number(minimum: float, maximum: float, integer: bool = False) -> Any:
     def check(path: str, node: Any, value: Any) -> float:
         ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok or value < minimum:
+        # .nan compares false with everything, .inf is above any maximum: both refused here.
+        if isinstance(value, bool) or not ok or not minimum <= value <= maximum:
             kind = "an integer" if integer else "a number"
-            raise ConfigError(path, _line(node), f"expected {kind} >= {minimum}, got {value!r}")
+            raise ConfigError(
+                path, _line(node), f"expected {kind} from {minimum} to {maximum}, got {value!r}"
+            )
         return value
 
     return check
 
 
 def _path(path: str, node: Any, value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/"):
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         raise ConfigError(path, _line(node), f"expected an absolute path, got {value!r}")
     return value
 
 
+def _socket_path(path: str, node: Any, value: Any) -> str:
+    value = _path(path, node, value)
+    size = len(os.fsencode(value))
+    if size > MAX_SOCKET_PATH:
+        raise ConfigError(
+            path,
+            _line(node),
+            f"control_socket: {size} bytes, but a unix socket path holds at most {MAX_SOCKET_PATH}",
+        )
+    return value
+
+
 def _optional_str(path: str, node: Any, value: Any) -> str | None:
-    if value is not None and (not isinstance(value, str) or not value):
+    if value is not None and (not isinstance(value, str) or not value or "\0" in value):
         raise ConfigError(path, _line(node), f"expected a name, got {value!r}")
     return value
 
@@ -243,13 +338,14 @@ _SETTINGS = {
     "load_msr_module": _msr,
     "block_on_warn": _block_on_warn,
     "blocking": _blocking,
-    "reconcile_interval": _number(0),
-    "control_socket": _path,
+    "reconcile_interval": _number(0, 86400),
+    "control_socket": _socket_path,
     "socket_group": _optional_str,
     "state_file": _path,
-    "state_max_age": _number(1),
-    "client_timeout": _number(0.1),
-    "uevent_rcvbuf": _number(4096, integer=True),
+    "state_max_age": _number(1, 86400),
+    "client_timeout": _number(0.1, 3600),
+    # SO_RCVBUF takes a C int.
+    "uevent_rcvbuf": _number(4096, 2**31 - 1, integer=True),
     "inhibit_shutdown": _bool,
     "inhibit_bus": _optional_str,
     "metrics_file": _path,

@@ -68,23 +68,46 @@ def report_json(report: Report) -> str:
     return json.dumps(report.to_json(), indent=2 if sys.stdout.isatty() else None, default=str)
 
 
-def _guest_lines(guests: list[Guest], verbose: bool) -> list[str]:
+def _guest_lines(
+    guests: list[Guest],
+    verbose: bool,
+    complete: bool = True,
+    procs: dict[int, dict[str, Any] | None] | None = None,
+) -> list[str]:
     if not guests:
-        return ["no KVM VM found"]
+        return ["no KVM VM found" if complete else "no VM listed: the list is not complete"]
     out = [f"{'KIND':<8}{'PID':>8} {'TID':>8} {'FD':>4}  NAME"]
     for g in guests:
         pid = "-" if g.pid is None else str(g.pid)
         tid = "-" if g.tid is None else str(g.tid)
         out.append(f"{g.kind:<8}{pid:>8} {tid:>8} {g.vm_fd:>4}  {g.name or '?'}")
+        if procs is not None and g.pid is not None:
+            info = procs.get(g.pid)
+            out.append(
+                f"{'':30}process: up {_duration(info['uptime_s'])}, "
+                f"RSS {info['rss_bytes'] / 2**20:.1f} MiB"
+                if info
+                else f"{'':30}process: gone or unreadable"
+            )
         evidence = g.evidence if verbose else g.evidence[1:2] or g.evidence[:1]
         out.extend(f"{'':30}{e}" for e in evidence)
     return out
 
 
-def guests_text(guests: list[Guest], header: str, verbose: bool = False) -> str:
+def guests_text(
+    guests: list[Guest],
+    header: str,
+    verbose: bool = False,
+    complete: bool = True,
+    procs: dict[int, dict[str, Any] | None] | None = None,
+) -> str:
+    """The VM list for a person: a summary line, one line per VM and its evidence
+    (all of it when `verbose`), each VM process's uptime and RSS when `procs` is given."""
     tds = sum(1 for g in guests if g.kind == "td")
-    summary = f"{header}: {len(guests)} VMs, {tds} TD guests"
-    return "\n".join([summary, *_guest_lines(guests, verbose)])
+    td_word = "TD guest" if tds == 1 else "TD guests"
+    vm_word = "VM" if len(guests) == 1 else "VMs"
+    summary = f"{header}: {len(guests)} {vm_word}, {tds} {td_word}"
+    return "\n".join([summary, *_guest_lines(guests, verbose, complete, procs)])
 
 
 def dump_json(data: dict[str, Any]) -> str:
@@ -106,6 +129,17 @@ def status_text(st: dict[str, Any]) -> str:
         f"root {st.get('root')} ({st.get('source')})",
         f"{st.get('status_line')}",
     ]
+    health = st.get("health")
+    if isinstance(health, dict):
+        try:
+            lines.insert(
+                1,
+                f"daemon health: CPU {float(health['cpu_seconds']):.2f} s, RSS "
+                f"{int(health['rss_bytes']) / 2**20:.1f} MiB, {int(health['open_fds'])} open fds, "
+                f"{int(health['threads'])} threads",
+            )
+        except (KeyError, TypeError, ValueError):
+            lines.insert(1, "daemon health: malformed")
     live = st.get("live", {})
     for kind in ("tds", "unknown", "vms"):
         for e in live.get(kind, []):

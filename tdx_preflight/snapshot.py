@@ -13,6 +13,10 @@ How each kind of read is reproduced:
   cap+1 bytes (still "larger than" the cap). A file that exists but could not be
   read (permission, I/O): a directory in its place, which `Host` reports as an
   I/O problem, so an unreadable fact stays unreadable and never turns into a pass.
+  Every read that failed other than "absent" is also listed in the manifest's
+  `unreadable`, and a replay's Host gives it the captured Problem (kind included)
+  again: what the tree alone cannot hold (a listing of proc, a process whose
+  descriptors could not be listed) stays unreadable too.
 - a directory listing: the directory, with its listed names (empty files or
   directories as they were) unless they were read themselves; a listing that
   failed other than "absent": a symlink to itself (an I/O problem on replay).
@@ -25,22 +29,28 @@ How each kind of read is reproduced:
   a file cannot hold); the kernel log as one record a line; kallsyms as the lines
   of the symbols that were found plus one neutral line.
 
-`extract_snapshot` is the other direction: a .tar.gz given as `--root` is checked
-member by member and extracted into a temporary directory removed at exit.
+`extract_snapshot` is the other direction: a .tar.gz given as `--root` is read
+whole or refused (every header, the gzip trailer, member count and size bounded,
+all before anything is written), then extracted into a temporary directory
+removed at exit and on SIGTERM, SIGHUP and SIGINT. `captured_unreadable` reads a
+tree's manifest for the Host that replays it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import gzip
 import json
 import os
 import re
 import shutil
+import signal
 import stat
 import struct
 import tarfile
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -50,7 +60,7 @@ from typing import Any, NamedTuple
 from . import __version__
 from .checks import PHASES
 from .facts import HostFacts, Ledger, gather
-from .host import LARGE, SMALL, Host, Problem
+from .host import CHUNK, LARGE, SMALL, Host, Problem, ProblemKind
 from .policy import Policy
 from .readers import kvm, msr
 from .report import Report, evaluate
@@ -58,9 +68,12 @@ from .report import Report, evaluate
 SUFFIXES = (".tar.gz", ".tgz")
 MANIFEST = "SNAPSHOT.json"
 REDACTED = b"REDACTED"
-#: Extraction limits: far above any snapshot this tool writes, low enough to stop a gzip bomb.
-MAX_MEMBERS = 2_000_000
-MAX_BYTES = 2 << 30
+#: Extraction limits: far above any snapshot this tool writes (a few thousand members, a few
+#: MiB: every file it reads is capped), low enough that a bomb is refused in seconds.
+MAX_MEMBERS = 50_000
+MAX_BYTES = 256 << 20
+#: The decompressed tar stream: the members' data plus a header (and a PAX header) each.
+_STREAM_LIMIT = MAX_BYTES + MAX_MEMBERS * 4 * tarfile.BLOCKSIZE + (1 << 20)
 
 _PROC_PID = re.compile(r"proc/(\d+)(?:/|$)")
 _PROC_FD = re.compile(r"proc/\d+/fd/[^/]+")
@@ -78,8 +91,12 @@ class SnapshotError(Exception):
 class RecordingHost(Host):
     """A Host that remembers the result of every read it answers."""
 
-    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
-        super().__init__(root)
+    def __init__(
+        self,
+        root: str | os.PathLike[str] = "/",
+        unreadable: dict[str, tuple[ProblemKind, str]] | None = None,
+    ) -> None:
+        super().__init__(root, unreadable)
         self.files: dict[str, bytes] = {}
         #: Files over a reader's cap: rel -> the cap (files[rel] holds cap+1 bytes).
         self.truncated: dict[str, int] = {}
@@ -423,6 +440,63 @@ def _msr_plan(rec: RecordingHost, plan: Plan, unreproducible: list[dict[str, str
     return notes
 
 
+#: A replay through tdx-preflight reads the manifest: the tree's stand-in is only for others.
+_OVERLAY = "; a replay reports it unreadable, with the captured kind, from the manifest"
+
+
+def unreadable_reads(rec: RecordingHost) -> list[dict[str, str]]:
+    """Every read that failed at capture other than "absent" and never succeeded.
+
+    The manifest lists them and a replay's Host gives each the same Problem again
+    (DESIGN.md, "Snapshots": unreadable at capture is unreadable at replay, never
+    absent), so a replay's verdict is never more permissive than the capture's.
+    """
+    succeeded = (
+        {rel for rel in rec.files if rel not in rec.truncated}
+        | set(rec.kmsg)
+        | set(rec.listings)
+        | set(rec.links)
+    )
+    out = [
+        {"path": rel, "read": op, "kind": problem.kind, "detail": problem.detail}
+        for rel, (op, problem) in rec.failed.items()
+        if problem.kind != "absent" and rel not in succeeded
+    ]
+    out += [
+        {"path": f"dev/cpu/{cpu}/msr", "read": "msr", "kind": opened.kind, "detail": opened.detail}
+        for cpu, opened in rec.msr_open.items()
+        if opened is not None and opened.kind != "absent"
+    ]
+    return sorted(out, key=lambda u: u["path"])
+
+
+def _overlay(reads: list[dict[str, str]]) -> dict[str, tuple[ProblemKind, str]]:
+    return {u["path"]: (u["kind"], u["detail"]) for u in reads}  # type: ignore[misc]
+
+
+def captured_unreadable(root: str) -> dict[str, tuple[ProblemKind, str]]:
+    """The reads a snapshot tree at `root` records as unreadable at capture ({} when
+    `root` holds no snapshot). A manifest that does not parse is a SnapshotError."""
+    if os.path.abspath(root) == "/":
+        return {}  # the live host: nothing was captured
+    with Host(root) as host:
+        data = host.read_bytes(MANIFEST, LARGE)
+    if isinstance(data, Problem):
+        if data.kind == "absent":
+            return {}
+        raise SnapshotError(f"cannot read the snapshot manifest: {data}")
+    try:
+        reads = json.loads(data).get("unreadable", [])
+        overlay = _overlay(reads)
+        if not all(k in ("permission", "io", "malformed") for k, _ in overlay.values()):
+            raise ValueError("unknown kind")
+        if not all(isinstance(p, str) and isinstance(d, str) for p, (_, d) in overlay.items()):
+            raise ValueError("not a path")
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SnapshotError(f"{MANIFEST} under {root}: bad 'unreadable' list ({exc})") from None
+    return overlay
+
+
 def _unrepro(problem: Problem, op: str, replayed_as: str) -> dict[str, str]:
     return {
         "path": problem.path,
@@ -516,7 +590,9 @@ def plan_tree(rec: RecordingHost, facts: HostFacts, keep_cmdlines: bool) -> tupl
             continue
         pid = _proc_pid(rel)
         if pid is not None and pid not in holders:
-            if op == "list" and problem.kind == "permission":
+            if op == "list" and rel == f"proc/{pid}/fd":
+                # The process must be listed for its descriptors to be unreadable on replay.
+                plan.add(f"proc/{pid}", Node("dir"))
                 denied_fd_dirs += 1
             continue
         if op == "readlink":
@@ -530,23 +606,17 @@ def plan_tree(rec: RecordingHost, facts: HostFacts, keep_cmdlines: bool) -> tupl
             continue
         if op == "list" and rel == "proc":
             unreproducible.append(
-                _unrepro(
-                    problem, op, "not reproduced: the tree's proc/ holds files the checks read"
-                )
+                _unrepro(problem, op, "the tree's proc/ holds files the checks read" + _OVERLAY)
             )
             continue
         if problem.kind == "malformed" and op == "read":
             unreproducible.append(
-                _unrepro(problem, op, "absent: its first bytes could not be read")
+                _unrepro(problem, op, "absent: its first bytes could not be read" + _OVERLAY)
             )
             continue
         node = Node("loop") if op == "list" else Node("dir")
         plan.add(rel, node)
-        unreproducible.append(_unrepro(problem, op, _REPLAYED_AS.get(op, "a directory")))
-        if problem.kind == "permission":
-            unreproducible[-1]["replayed_as"] += (
-                "; the kind becomes io: a replay has no permissions"
-            )
+        unreproducible.append(_unrepro(problem, op, _REPLAYED_AS.get(op, "a directory") + _OVERLAY))
 
     if denied_fd_dirs:
         unreproducible.append(
@@ -555,8 +625,7 @@ def plan_tree(rec: RecordingHost, facts: HostFacts, keep_cmdlines: bool) -> tupl
                 "read": "list",
                 "kind": "permission",
                 "detail": f"{denied_fd_dirs} processes' descriptors could not be listed",
-                "replayed_as": "not reproduced: a tree cannot deny a listing, so the replay's "
-                "VM enumeration is complete where the capture's was not",
+                "replayed_as": "empty proc/PID directories in the tree" + _OVERLAY,
             }
         )
 
@@ -700,15 +769,16 @@ def take_snapshot(
     fd, partial = open_output(output)
     try:
         started = time.time()
-        with RecordingHost(root) as rec:
+        with RecordingHost(root, captured_unreadable(root)) as rec:
             facts = gather(rec, load_msr_module=policy.load_msr_module, ledger=ledger)
         capture = _reports(facts, policy)
         plan, info = plan_tree(rec, facts, keep_cmdlines)
+        unreadable = unreadable_reads(rec)
         with tempfile.TemporaryDirectory(prefix="tdx-preflight-snapshot-") as tmp:
             top = os.path.join(tmp, "root")
             os.mkdir(top)
             plan.write(top)
-            with Host(top) as replay_host:
+            with Host(top, _overlay(unreadable)) as replay_host:
                 replay_facts = gather(replay_host, load_msr_module="never")
             differences = _differences(capture, _reports(replay_facts, policy))
             manifest = _manifest(
@@ -722,6 +792,7 @@ def take_snapshot(
                 started,
                 ledger_info,
             )
+            manifest["unreadable"] = unreadable
             with open(os.path.join(top, MANIFEST), "x", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1, sort_keys=False)
                 f.write("\n")
@@ -839,6 +910,7 @@ class _Budget:
     def __init__(self) -> None:
         self.members = 0
         self.bytes = 0
+        self.names: set[str] = set()
 
     def check(self, member: tarfile.TarInfo) -> None:
         # filter="data" strips a leading "/" and allows ".." that stays inside; a tree this
@@ -853,35 +925,120 @@ class _Budget:
             target = member.linkname
             if target.startswith("/") or ".." in target.split("/"):
                 raise UnsafeMember(member, f"a symlink to {target!r}, out of the tree")
+        name = member.name.rstrip("/")
+        if name in self.names:
+            raise UnsafeMember(member, "given twice (a later member would replace the first)")
+        self.names.add(name)
         self.members += 1
         self.bytes += member.size
         if self.members > MAX_MEMBERS or self.bytes > MAX_BYTES:
             raise UnsafeMember(member, "the archive is larger than any snapshot")
 
-    def filter(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-        self.check(member)
-        return tarfile.data_filter(member, dest)
+
+class _Bounded:
+    """A decompressed stream that refuses to go past `limit` bytes (a gzip bomb)."""
+
+    def __init__(self, f: Any, limit: int) -> None:
+        self.f = f
+        self.limit = limit
+
+    def read(self, size: int = -1) -> bytes:
+        # tarfile reads headers by the block and data in small pieces; only a PAX or long
+        # name header asks for its whole declared size at once: far smaller in a snapshot.
+        if not 0 <= size <= CHUNK:
+            raise tarfile.ReadError("a header larger than any snapshot's")
+        if self.f.tell() + size > self.limit:
+            raise tarfile.ReadError("the archive is larger than any snapshot")
+        return self.f.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET and offset > self.limit:
+            raise tarfile.ReadError("the archive is larger than any snapshot")
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
 
 
-def _remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def _members(tar: tarfile.TarFile, stream: _Bounded) -> list[tarfile.TarInfo]:
+    """Every member's header, checked, and the archive read to its end.
+
+    tarfile ends an archive silently at a header that does not parse: only zero
+    blocks may follow the last member. Reading the gzip stream to its end is what
+    makes the gzip module verify the CRC and the length in its trailer.
+    """
+    budget = _Budget()
+    members: list[tarfile.TarInfo] = []
+    for member in tar:
+        budget.check(member)
+        members.append(member)
+    stream.seek(tar.offset)
+    tail = 0
+    while chunk := stream.read(min(CHUNK, stream.limit - stream.tell())):
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"a header at byte {tar.offset} that does not parse")
+        tail += len(chunk)
+    if stream.f.read(1):
+        raise tarfile.ReadError("the archive is larger than any snapshot")
+    if tail < 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError("the archive is cut short (no end-of-archive blocks)")
+    return members
+
+
+_EXTRACTED: list[str] = []
+_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def _remove_extracted() -> None:
+    while _EXTRACTED:
+        shutil.rmtree(_EXTRACTED.pop(), ignore_errors=True)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Remove the extracted trees, then die of the signal as if no handler were set."""
+    _remove_extracted()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _guard_extractions() -> None:
+    """From the first extraction to the process's end, every exit removes the trees."""
+    if not _EXTRACTED and threading.current_thread() is threading.main_thread():
+        for signum in _SIGNALS:
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(signum, _on_signal)
+        atexit.register(_remove_extracted)
+
+
+def remove_extractions() -> None:
+    """Remove every tree `extract_snapshot` made, now (before an exec replaces us)."""
+    _remove_extracted()
 
 
 def extract_snapshot(archive: str) -> str:
-    """Extract a snapshot into a new temporary directory removed at exit; return it."""
+    """Extract a snapshot into a new temporary directory removed at exit; return it.
+
+    The archive is read whole or refused (DESIGN.md, "Snapshots"): a first pass
+    checks every header, bounds the member count and total size, and reads the
+    gzip stream to its end (CRC and length verified) before anything is written;
+    the second pass extracts. SIGTERM, SIGHUP and SIGINT remove the tree too.
+    """
+    _guard_extractions()
     tmp = tempfile.mkdtemp(prefix="tdx-preflight-root-")
+    _EXTRACTED.append(tmp)
     try:
-        budget = _Budget()
-        with tarfile.open(archive, "r:gz") as tar:
-            if _FILTERS:
-                tar.extractall(tmp, filter=budget.filter)
-            else:
-                for member in tar:
-                    budget.check(member)
-                    tar.extract(member, tmp, set_attrs=False)  # no owners, modes or setuid bits
+        with gzip.open(archive, "rb") as gz:
+            stream = _Bounded(gz, _STREAM_LIMIT)
+            with tarfile.open(fileobj=stream, mode="r:", errorlevel=2) as tar:
+                members = _members(tar, stream)
+                if _FILTERS:
+                    tar.extractall(tmp, members, filter="data")
+                else:
+                    for member in members:
+                        tar.extract(member, tmp, set_attrs=False)  # no owners, modes, setuid
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        _remove_tree(tmp)
+        _EXTRACTED.remove(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise SnapshotError(f"bad snapshot archive {archive}: {why}") from None
-    atexit.register(_remove_tree, tmp)
     return tmp

@@ -38,7 +38,9 @@ class Run:
         return json.loads(self.stdout)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Run:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None
+) -> Run:
     proc = subprocess.run(
         [console_script(), *args],
         capture_output=True,
@@ -46,6 +48,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         timeout=timeout,
         env={**os.environ, **(env or {})},
         stdin=subprocess.DEVNULL,
+        cwd=cwd,
     )
     return Run(proc.returncode, proc.stdout, proc.stderr)
 

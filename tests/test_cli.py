@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 from hostbuilder import VmProc, build, qemu_td_cmdline, qemu_vm_cmdline, tdx_host
 
@@ -64,7 +65,7 @@ def test_guests_text_and_json(tmp_path: Path) -> None:
     assert data["root_misc_current_tdx"] == 1
     text = run_cli("guests", "--root", str(root))
     assert text.code == 0
-    assert "2 VMs, 1 TD guests" in text.stdout
+    assert "2 VMs, 1 TD guest\n" in text.stdout
     assert any(line.startswith("td") and "td1" in line for line in text.stdout.splitlines())
 
 
@@ -73,6 +74,9 @@ def test_guests_without_any_enumeration_exits_3(tmp_path: Path) -> None:
     (root / "proc").rename(root / "proc.gone")
     run = run_cli("guests", "--root", str(root), "--format", "json")
     assert run.code == 3 and run.json()["enumeration"]["method"] is None
+    text = run_cli("guests", "--root", str(root))
+    assert text.code == 3 and "no KVM VM found" not in text.stdout
+    assert "the list is not complete" in text.stdout
 
 
 def test_verbose_check_shows_evidence(tmp_path: Path) -> None:
@@ -92,3 +96,121 @@ def test_install_integrations_into_a_prefix(tmp_path: Path) -> None:
     assert link.is_symlink() and link.resolve().exists()
     again = run_cli("install-integrations", "--prefix", str(tmp_path))
     assert again.code == 0 and "kept" in again.stdout
+
+
+# -- options are options wherever they stand (issue 10, class 1) ------------------------------
+
+
+def _td_root(tmp_path: Path) -> Path:
+    td = VmProc(pid=4242, cmdline=qemu_td_cmdline("td1"), misc_tdx=1)
+    return build(tmp_path / "td", tdx_host(processes=[td], misc_current={"tdx": 1}))
+
+
+def test_every_command_reads_options_one_way() -> None:
+    from tdx_preflight.cli import cli
+    from tdx_preflight.clioptions import StrictCommand, StrictGroup
+
+    assert isinstance(cli, StrictGroup) and cli.commands
+    assert all(isinstance(cmd, StrictCommand) for cmd in cli.commands.values())
+
+
+def _an_option(name: str) -> str:
+    return "--prefix" if name == "install-integrations" else "--root"
+
+
+def _command_names() -> list[str]:
+    from tdx_preflight.cli import cli
+
+    return sorted(cli.commands)
+
+
+def _options(name: str) -> set[str]:
+    from tdx_preflight.cli import cli
+
+    return {o for p in cli.commands[name].params for o in p.opts}
+
+
+@pytest.mark.parametrize("name", _command_names())
+def test_an_option_given_twice_is_a_usage_error(name: str, tmp_path: Path) -> None:
+    # Before any work: no daemon starts, nothing is read, installed or written.
+    opt = _an_option(name)
+    one, two = tmp_path / "a", tmp_path / "b"
+    run = run_cli(name, opt, str(one), opt, str(two), timeout=30)
+    assert run.code == 2 and f"option {opt} given twice" in run.stderr, run.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("name", "opt"),
+    [(n, o) for n in _command_names() for o in (_an_option(n), "--config") if o in _options(n)],
+)
+def test_an_empty_path_is_a_usage_error(name: str, opt: str, tmp_path: Path) -> None:
+    run = run_cli(name, opt, "", timeout=30, cwd=tmp_path)
+    assert run.code == 2 and f"Invalid value for '{opt}': must not be empty" in run.stderr
+    assert not any(tmp_path.iterdir())  # an empty --prefix installed nothing here
+
+
+def test_root_then_an_empty_root_does_not_check_slash(tmp_path: Path) -> None:
+    root = _td_root(tmp_path)
+    assert run_cli("check", "--root", str(root)).code == 1
+    run = run_cli("check", "--root", str(root), "--root", "")
+    assert run.code == 2 and "given twice" in run.stderr
+
+
+def test_a_phase_given_twice_is_not_the_last_one(tmp_path: Path) -> None:
+    root = _td_root(tmp_path)
+    run = run_cli("check", "--root", str(root), "--phase", "exec", "--phase", "load")
+    assert run.code == 2 and "option --phase given twice" in run.stderr
+
+
+def test_hook_options_after_the_phase_are_options(tmp_path: Path) -> None:
+    root = _td_root(tmp_path)
+    # --root after PHASE: the TD host is checked (not /), and blocks.
+    run = run_cli("hook", "exec", "--root", str(root))
+    assert run.code == 1 and "guests.td fail" in run.stderr
+    # --format after PHASE prints the report of that root.
+    run = run_cli("hook", "exec", "--root", str(root), "--format", "json")
+    assert run.code == 1 and run.json()["host"]["root"] == str(root)
+    # --metrics-file after PHASE is written.
+    prom = tmp_path / "m.prom"
+    run = run_cli("hook", "exec", "--root", str(root), "--metrics-file", str(prom))
+    assert run.code == 1 and 'tdx_preflight_kexec_allowed{phase="exec"} 0.0' in prom.read_text()
+    # --config after PHASE is read: a broken one is a configuration error.
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("block_on_warn: 7\n")
+    run = run_cli("hook", "exec", "--root", str(root), "--config", str(cfg))
+    assert run.code == 2 and "invalid configuration" in run.stderr
+    # --force after PHASE is the override (refused without a reason), never kexec's.
+    run = run_cli("hook", "exec", "--root", str(root), "--force")
+    assert run.code == 2 and "--force needs" in run.stderr
+    # --help after PHASE: the help, and not an allow.
+    run = run_cli("hook", "exec", "--help")
+    assert run.code == 2 and "Usage: tdx-preflight hook" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["hook", "exec", "-l", "/boot/vmlinuz"],
+        ["hook", "exec", "/boot/vmlinuz"],
+        ["hook", "exec", "load"],
+        ["exec", "kexec", "-e"],
+        ["exec", "--phase", "exec", "systemctl", "kexec"],
+        ["check", "exec"],
+        ["hook"],
+        ["exec", "--"],
+    ],
+)
+def test_arguments_before_the_separator_are_a_usage_error(args: list[str], tmp_path: Path) -> None:
+    root = _td_root(tmp_path)
+    run = run_cli(args[0], "--root", str(root), *args[1:])
+    assert run.code == 2, run.stderr
+    assert run.stderr.startswith("Usage: tdx-preflight")
+
+
+def test_check_and_exec_help_is_not_an_allow() -> None:
+    for name in ("check", "hook", "exec"):
+        run = run_cli(name, "--help")
+        assert run.code == 2 and f"Usage: tdx-preflight {name}" in run.stdout
+    run = run_cli("guests", "--help")
+    assert run.code == 0 and "Usage: tdx-preflight guests" in run.stdout

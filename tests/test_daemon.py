@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import kvm_usable, run_cli
 from daemonproc import DaemonProc, debugfs_kvm_names, entries, proc_kvm_vms
-from hostbuilder import VmProc, build, qemu_td_cmdline, tdx_host
+from hostbuilder import VmProc, build, tdx_host
 
 from tdx_preflight.checks import CHECKS
 from tdx_preflight.daemon.client import request
@@ -285,73 +284,87 @@ def test_check_op_reads_the_host_again(daemon) -> None:
     assert reply["report"]["phase"] == "crash" and len(reply["report"]["checks"]) == len(CHECKS)
 
 
+def _wait_log(d: Any, words: str, count: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while d.log().count(words) < count:
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.05)
+
+
+def _blocking(d: Any, check_id: str) -> bool:
+    reply = d.request({"op": "check", "phase": "exec"})
+    assert reply is not None and reply["ok"], reply
+    return next(c["blocking"] for c in reply["report"]["checks"] if c["id"] == check_id)
+
+
 def test_sighup_with_an_invalid_config_keeps_the_old_one(daemon) -> None:
     d = daemon()
-    d.write_config({**d.config, "bogus_key": 1})
+    assert _blocking(d, "guests.vm") is False
+    d.write_config({**d.config, "blocking": {"guests.vm": ["exec"]}, "bogus_key": 1})
     d.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "invalid configuration" not in d.log():
-        assert time.monotonic() < deadline, d.log()
-        time.sleep(0.05)
-    assert d.proc.poll() is None and d.status()["ok"]
-    d.write_config({**d.config, "block_on_warn": ["kernel.kexec"]})
+    _wait_log(d, "invalid configuration")
+    assert d.proc.poll() is None and _blocking(d, "guests.vm") is False
+    d.write_config({**d.config, "blocking": {"guests.vm": ["exec"]}})
     d.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while f"reload: configuration {d.config_path} loaded" not in d.log():
-        assert time.monotonic() < deadline, d.log()
-        time.sleep(0.05)
-    assert d.proc.poll() is None
+    _wait_log(d, f"reload: configuration {d.config_path} loaded")
+    assert d.proc.poll() is None and _blocking(d, "guests.vm") is True
 
 
-def test_fixture_root_misc_cgroup_path_and_teardown_confirmation(daemon, tmp_path: Path) -> None:
-    td = VmProc(
-        pid=4242,
-        cmdline=qemu_td_cmdline("td1"),
-        comm="td1",
-        misc_tdx=1,
-        cgroup="/machine.slice/td1.scope",
+def _dropped_after(path: str, limit: float) -> float:
+    """Seconds until the daemon drops a client that sends nothing (at most `limit`)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.settimeout(limit)
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            assert s.recv(1) == b""
+        return time.monotonic() - started
+
+
+def test_sighup_applies_every_reloadable_setting(daemon) -> None:
+    d = daemon(client_timeout=30, reconcile_interval=0)
+    assert _dropped_after(d.socket, 1.5) >= 1.5  # held: the timeout is 30 s
+    before = d.status()["reconciles"]
+    d.write_config(
+        {
+            **d.config,
+            "client_timeout": 0.3,
+            "reconcile_interval": 0.5,
+            "control_socket": d.socket + ".new",
+        }
     )
-    root = build(tmp_path / "root", tdx_host(processes=[td], misc_current={"tdx": 1}))
-    d = daemon(root=str(root))
-    st = d.status()
-    [e] = entries(st, 4242)
-    assert (e["kind"], e["created_by"], e["name"]) == ("td", "reconcile", "td1")
-    assert any("misc.current tdx 1" in x for x in e["evidence"])
-    assert st["verdict"] == "block" and st["exit_code"] == 1
-    # `check` on the same root takes the daemon's ledger; the JSON says so.
-    run = run_cli("check", "--root", str(root), "--config", str(d.config_path), "--format", "json")
+    d.signal(signal.SIGHUP)
+    _wait_log(d, "reload: configuration")
+    # The control server takes the new timeout, and the timer the daemon started without runs.
+    assert _dropped_after(d.socket, 5) < 3
+    st = d.wait_for(
+        lambda s: s["reconciles"] >= before + 3 and s["last_reconcile"]["why"] == "timer"
+    )
+    assert st["ok"]
+    log = d.log()
+    assert "reload: control_socket change only with a restart" in log
+    assert "applied: reconcile_interval, client_timeout" in log
+    assert not os.path.exists(d.socket + ".new")
+
+
+def test_check_and_status_take_the_daemons_view_and_say_so(daemon) -> None:
+    d = daemon()
+    run = run_cli("check", "--config", str(d.config_path), "--format", "json")
     report = run.json()
-    assert run.code == 1 and report["daemon"]["answered"] is True
-    assert report["daemon"]["tds_not_destroyed"] == ["td1 (pid 4242)"]
-    text = run_cli("check", "--root", str(root), "--config", str(d.config_path)).stdout
-    assert "TD ledger: from the daemon" in text
-    # The TD goes away: its debugfs directory, its process, then its KeyID.
-    shutil.rmtree(root / "sys/kernel/debug/kvm/4242-12")
-    (root / "proc/4242/fd/12").unlink()
-    d.signal(signal.SIGHUP)
-    st = d.wait_for(lambda s: not entries(s, 4242))
-    [gone] = [x for x in st["recent_tds"] if x["pid"] == 4242]
-    assert gone["destroyed_by"] == "reconcile" and gone["teardown"] == "pending"
-    (root / "sys/fs/cgroup/misc.current").write_text("tdx 0\n")
-    (root / "sys/fs/cgroup/machine.slice/td1.scope/misc.current").write_text("tdx 0\n")
-    d.signal(signal.SIGHUP)
-    st = d.wait_for(lambda s: any(x["teardown"] == "confirmed" for x in s["recent_tds"]))
-    # The refresh that re-reads misc.current follows the confirmation.
-    st = d.wait_for(lambda s: s["verdict"] == "allow")
-    assert st["exit_code"] == 0
-    # status from the CLI, text and JSON, with the daemon's exit code.
-    run = run_cli("status", "--config", str(d.config_path), "--format", "json")
-    assert run.code == 0 and run.json()["verdict"] == "allow"
-    text = run_cli("status", "--config", str(d.config_path))
-    assert "recent TD lifecycles" in text.stdout and "teardown confirmed" in text.stdout
-    # Without a daemon: status exits 4; check runs alone and says so.
+    assert report["daemon"]["answered"] is True and report["daemon"]["pid"] == d.proc.pid
+    text = run_cli("check", "--config", str(d.config_path)).stdout
+    assert f"TD ledger: from the daemon (pid {d.proc.pid})" in text
+    st = run_cli("status", "--config", str(d.config_path), "--format", "json")
+    assert st.code == run.code and st.json()["daemon_pid"] == d.proc.pid
+    assert "control socket" in st.json()["source"]
+    # Without a daemon: status exits 4 (JSON says so on stdout); check runs alone.
     d.stop()
-    run = run_cli("status", "--config", str(d.config_path))
-    assert run.code == 4 and "no daemon answers" in run.stderr
-    report = run_cli(
-        "check", "--root", str(root), "--config", str(d.config_path), "--format", "json"
-    ).json()
-    assert report["daemon"]["answered"] is False
+    gone = run_cli("status", "--config", str(d.config_path), "--format", "json")
+    assert gone.code == 4 and "no daemon answers" in gone.stderr
+    assert gone.json()["daemon"] is None and gone.json()["exit_code"] == 4
+    alone = run_cli("check", "--config", str(d.config_path), "--format", "json")
+    assert alone.json()["daemon"]["answered"] is False
+    assert alone.code == run.code  # the same host, the same verdict
 
 
 def test_status_falls_back_to_a_fresh_state_file(daemon, tmp_path: Path) -> None:
@@ -368,3 +381,28 @@ def test_ready_comes_after_the_first_reconcile(daemon) -> None:
     assert "STATUS=" in ready
     assert d.status()["reconciles"] >= 1
     assert request(d.socket + ".nope", {"op": "status"}) is None
+
+
+def test_status_reports_the_daemons_own_health(daemon) -> None:
+    d = daemon()
+    health = d.status()["health"]
+    assert health["rss_bytes"] > 10 * 2**20 and health["open_fds"] >= 4
+    assert health["threads"] >= 1 and 0 <= health["cpu_seconds"] < 60
+    text = run_cli("status", "--config", str(d.config_path)).stdout
+    assert "daemon health: CPU" in text and "open fds" in text
+
+
+@needs_kvm
+def test_guests_verbose_shows_each_vm_process_uptime_and_rss(kvm_holder, tmp_path) -> None:
+    h = kvm_holder(*VM_ARGS)
+    text = run_cli("guests", "-v").stdout
+    [line] = [ln for ln in text.splitlines() if "plain-d" in ln]
+    after = text.splitlines()[text.splitlines().index(line) + 1]
+    assert after.strip().startswith("process: up") and "MiB" in after
+    data = run_cli("guests", "--format", "json").json()
+    [g] = [g for g in data["guests"] if g["pid"] == h.pid]
+    assert g["process"]["rss_bytes"] > 2**20 and g["process"]["uptime_s"] >= 0
+    # A fixture host has no running processes to ask.
+    root = build(tmp_path / "root", tdx_host(processes=[VmProc(pid=4242, cmdline=("qemu",))]))
+    fixture = run_cli("guests", "--root", str(root), "--format", "json").json()
+    assert [g["process"] for g in fixture["guests"]] == [None]

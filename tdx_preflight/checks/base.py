@@ -50,6 +50,8 @@ class Check(NamedTuple):
     reads: tuple[str, ...]
     remedies: dict[str, str]
     func: CheckFn
+    #: Phases in which the check is always skip, with why; its function never sees them.
+    skips: dict[str, str]
     #: The function takes the configuration's Settings as a third argument.
     settings: bool = False
 
@@ -60,6 +62,8 @@ class Check(NamedTuple):
                 "TDX is not in use on this host",
                 {"tdx_in_use": facts.tdx_use.sources},
             )
+        if phase in self.skips:
+            return Outcome("skip", self.skips[phase])
         if self.settings:
             return self.func(facts, phase, settings or Settings())
         return self.func(facts, phase)
@@ -78,17 +82,32 @@ def check(
     why: str,
     reads: tuple[str, ...],
     remedies: dict[str, str],
+    skips: dict[str, str] | None = None,
     settings: bool = False,
 ) -> Callable[[CheckFn], CheckFn]:
     """Declare a check next to its function; registration order is report order.
+
+    `skips` maps each phase in which the check never applies to the reason: the
+    policy refuses a `blocking` entry for such a phase (it could never take effect).
 
     `settings=True`: the function is `func(facts, phase, settings)` (base.Settings).
     """
 
     def register(func: CheckFn) -> CheckFn:
         assert id not in REGISTRY, id
+        assert not set(skips or ()) & set(blocking), id
         REGISTRY[id] = Check(
-            id, title, frozenset(blocking), tdx_only, question, why, reads, remedies, func, settings
+            id,
+            title,
+            frozenset(blocking),
+            tdx_only,
+            question,
+            why,
+            reads,
+            remedies,
+            func,
+            dict(skips or {}),
+            settings,
         )
         return func
 

@@ -64,10 +64,9 @@ def _enum_remedy(facts: HostFacts) -> str:
         "root so VMs and the misc cgroup can be read.",
         "warn": "TD guests are alive: they must be gone before kexec -e.",
     },
+    skips={"crash": "not applicable to loading a crash kernel"},
 )
 def guests_td(facts: HostFacts, phase: str) -> Outcome:
-    if phase == "crash":
-        return Outcome("skip", "not applicable to loading a crash kernel")
     tds = _by_kind(facts, "td")
     unknown = _by_kind(facts, "unknown")
     evidence = _enumeration_evidence(facts)
@@ -121,10 +120,9 @@ def guests_td(facts: HostFacts, phase: str) -> Outcome:
         "unknown": "Make /sys/fs/cgroup/misc.current readable (cgroup v2 with the misc "
         "controller, Linux 6.16 or later for KVM TDX accounting).",
     },
+    skips={"load": "only checked before kexec -e", "crash": "only checked before kexec -e"},
 )
 def guests_teardown(facts: HostFacts, phase: str) -> Outcome:
-    if phase != "exec":
-        return Outcome("skip", "only checked before kexec -e")
     cur = facts.root_tdx_current
     evidence = _enumeration_evidence(facts)
     reasons: list[str] = []
@@ -134,7 +132,7 @@ def guests_teardown(facts: HostFacts, phase: str) -> Outcome:
     if ledger is not None and ledger.tds_not_destroyed:
         evidence["ledger_live_tds"] = list(ledger.tds_not_destroyed)
         reasons.append(
-            f"the daemon saw {len(ledger.tds_not_destroyed)} TDs created and never destroyed"
+            f"the daemon saw {_n(len(ledger.tds_not_destroyed), 'TD')} created and never destroyed"
         )
     if reasons:
         return Outcome(
@@ -191,3 +189,8 @@ def guests_vm(facts: HostFacts, phase: str) -> Outcome:
             _enum_remedy(facts),
         )
     return Outcome("pass", "no plain VM alive", evidence)
+
+
+def _n(count: int, noun: str) -> str:
+    """`1 TD`, `2 TDs`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -209,12 +209,11 @@ def kernel_cache_flush(facts: HostFacts, phase: str) -> Outcome:
         "systemctl kexec. crash: the new load replaces the loaded crash kernel.",
         "unknown": "Check that sysfs is mounted and the kernel has kexec support.",
     },
+    skips={"load": "not applicable before loading a kernel"},
 )
 def kexec_image(facts: HostFacts, phase: str) -> Outcome:
     k = facts.kexec
     evidence = _kexec_evidence(facts)
-    if phase == "load":
-        return Outcome("skip", "not applicable before loading a kernel")
     value = k.loaded if phase == "exec" else k.crash_loaded
     if isinstance(value, Problem):
         return Outcome(

@@ -279,11 +279,10 @@ def errata_tdx_pw_mce(facts: HostFacts, phase: str, settings: Settings) -> Outco
         "unknown": "If the TDX module implements TDH.SYS.DISABLE, list its version in "
         "sys_disable_module_versions; else plan a cold reboot before TDs must run again.",
     },
+    skips={"crash": "not applicable to a crash kernel"},
     settings=True,
 )
 def postkexec_tdx(facts: HostFacts, phase: str, settings: Settings) -> Outcome:
-    if phase == "crash":
-        return Outcome("skip", "not applicable to a crash kernel")
     mod = facts.module
     evidence: dict[str, Any] = {"module": mod.to_json()}
     initialized = mod.state == "initialized"

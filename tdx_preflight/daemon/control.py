@@ -51,8 +51,8 @@ def peer_of(writer: asyncio.StreamWriter) -> Peer:
 def parse_request(line: bytes) -> dict[str, Any]:
     try:
         req = json.loads(line)
-    except ValueError:
-        raise RequestError("invalid JSON") from None
+    except (ValueError, RecursionError):
+        raise RequestError("invalid JSON (or nested too deeply)") from None
     if not isinstance(req, dict):
         raise RequestError("a request is a JSON object")
     op = req.get("op")
@@ -69,6 +69,8 @@ class ControlServer:
         self.handler = handler
         self.server: asyncio.AbstractServer | None = None
         self.requests = 0
+        #: (st_dev, st_ino) of the socket this server created: the only one it removes.
+        self.created: tuple[int, int] | None = None
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -87,13 +89,17 @@ class ControlServer:
 
             os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
         os.chmod(self.path, 0o660)
+        st = os.lstat(self.path)
+        self.created = (st.st_dev, st.st_ino)
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self.created:
+                os.unlink(self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer)
@@ -127,8 +133,14 @@ class ControlServer:
                 except RequestError as exc:
                     await self._refuse(reader, writer, str(exc))
                     return
+                except Exception:
+                    log.exception("control: op=%s failed", req["op"])
+                    await self._refuse(reader, writer, "internal error (see the daemon's log)")
+                    return
                 await self._reply(writer, {"ok": True, "op": req["op"], **reply})
         except (ConnectionError, OSError):
+            # Close at once: a plain close would wait to flush replies nobody reads.
+            writer.transport.abort()
             return
         finally:
             writer.close()
@@ -155,7 +167,12 @@ class ControlServer:
                 if not chunk:
                     break
 
-    @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+    async def _reply(self, writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+        """Send one reply line; a client that does not read it within the timeout is
+        dropped (ConnectionError), so it cannot hold the daemon's memory or a task."""
         writer.write(json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n")
-        await writer.drain()
+        try:
+            await asyncio.wait_for(writer.drain(), self.timeout)
+        except TimeoutError:
+            log.warning("control: dropped a client that does not read its replies")
+            raise ConnectionError("client does not read its replies") from None

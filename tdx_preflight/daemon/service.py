@@ -22,6 +22,7 @@ from ..facts import HostFacts, gather
 from ..host import Host, Problem
 from ..metrics import write_metrics
 from ..policy import ConfigError, Policy, load
+from ..procinfo import own_health
 from ..readers import kvm
 from ..report import Report, evaluate
 from .control import ControlServer, Peer, RequestError
@@ -42,6 +43,9 @@ RECONCILE_SPACING = 0.2
 FD_FILL_DELAYS = (0.002, 0.01, 0.05, 0.25, 1.0)
 #: After a TD is destroyed, re-read misc.current at these delays to confirm teardown.
 TEARDOWN_CHECKS = (0.05, 0.2, 1.0, 3.0, 10.0, 30.0)
+#: Settings a SIGHUP cannot change: the sockets and files the daemon holds open, and the
+#: root it watches. Every other setting is applied in full on reload.
+RESTART_ONLY = ("root", "control_socket", "socket_group", "state_file", "uevent_rcvbuf")
 
 
 def status_line(report: Report | None, ledger: VmLedger) -> str:
@@ -90,6 +94,8 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._fd_cache: dict[int, frozenset[int] | Problem | None] = {}
         self._fill_pending = False
+        self._locks: list[int] = []
+        self._timer_task: asyncio.Task[Any] | None = None
         self._boot_id: str | None = None
         #: Bumped on every change; status replies reuse the report of the same version.
         self._version = 0
@@ -109,6 +115,7 @@ class Daemon:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         for path in (self.policy.control_socket, self.policy.state_file):
             os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+        self._locks = take_locks((self.policy.control_socket, self.policy.state_file))
         boot = self.host.read_value("proc/sys/kernel/random/boot_id")
         self._boot_id = boot if isinstance(boot, str) else None
         await self.source.open()  # subscribe before the first reconcile: nothing falls between
@@ -137,8 +144,7 @@ class Daemon:
             asyncio.create_task(self._reconciler(), name="reconcile"),
             asyncio.create_task(self._state_writer(), name="state"),
         ]
-        if self.policy.reconcile_interval > 0:
-            self._tasks.append(asyncio.create_task(self._timer(), name="timer"))
+        self._start_timer()
         if self.notifier.watchdog_interval:
             self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
         self.notifier.ready(status_line(self.report, self.ledger))
@@ -168,17 +174,47 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload: invalid configuration, keeping the old one: %s", exc)
         else:
-            fixed = [
-                k
-                for k in ("control_socket", "socket_group", "state_file", "uevent_rcvbuf", "root")
-                if getattr(policy, k) != getattr(self.policy, k)
-            ]
-            if fixed:
-                log.warning("reload: %s change only with a restart", ", ".join(fixed))
-                policy = policy._replace(**{k: getattr(self.policy, k) for k in fixed})
-            self.policy = policy
-            log.info("reload: configuration %s loaded", policy.source or "(defaults)")
+            self._apply_policy(policy)
         self.request_reconcile("SIGHUP")
+
+    def _apply_policy(self, policy: Policy) -> None:
+        """Take a reloaded policy in full; name what only a restart changes."""
+        fixed = [k for k in RESTART_ONLY if getattr(policy, k) != getattr(self.policy, k)]
+        if fixed:
+            log.warning("reload: %s change only with a restart; kept", ", ".join(fixed))
+            policy = policy._replace(**{k: getattr(self.policy, k) for k in fixed})
+        old, self.policy = self.policy, policy
+        changed = [
+            k for k in Policy._fields if k != "source" and getattr(old, k) != getattr(policy, k)
+        ]
+        if self.server is not None:
+            self.server.timeout = policy.client_timeout
+        if old.reconcile_interval != policy.reconcile_interval:
+            self._start_timer()
+        if (old.inhibit_shutdown, old.inhibit_bus) != (policy.inhibit_shutdown, policy.inhibit_bus):
+            self._tasks.append(asyncio.create_task(self._drop_inhibitor(), name="inhibitor"))
+        log.info(
+            "reload: configuration %s loaded; applied: %s",
+            policy.source or "(defaults)",
+            ", ".join(changed) or "no change",
+        )
+        self._changed()  # the report, metrics and inhibitor follow the new policy
+
+    def _start_timer(self) -> None:
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+        self._timer_task = None
+        if self.policy.reconcile_interval > 0:
+            self._timer_task = asyncio.create_task(self._timer(), name="timer")
+            self._tasks.append(self._timer_task)
+
+    async def _drop_inhibitor(self) -> None:
+        """Release the inhibitor taken under the old settings; a refresh takes it anew."""
+        inhibitor, self._inhibitor = self._inhibitor, None
+        if inhibitor is not None:
+            await asyncio.to_thread(inhibitor.close)
+            log.info("shutdown inhibitor released: its settings changed")
+        self._refresh_wanted.set()
 
     # -- events ----------------------------------------------------------------------
 
@@ -367,9 +403,8 @@ class Daemon:
 
     async def _timer(self) -> None:
         while True:
-            await asyncio.sleep(self.policy.reconcile_interval or 60)
-            if self.policy.reconcile_interval > 0:
-                self.request_reconcile("timer")
+            await asyncio.sleep(self.policy.reconcile_interval)
+            self.request_reconcile("timer")
 
     def _schedule_teardown_checks(self) -> None:
         loop = asyncio.get_running_loop()
@@ -516,6 +551,7 @@ class Daemon:
         return {
             "daemon_pid": os.getpid(),
             "root": self.host.root,
+            "generated_at": rfc3339(time.time()),
             "uptime_s": round(time.time() - self.started, 3),
             "phase": "exec",
             "verdict": report.verdict if report else None,
@@ -530,6 +566,7 @@ class Daemon:
             "recent_tds": [e.to_json() for e in self.ledger.recent_tds()],
             "resyncs": self.resyncs,
             "reconciles": self.reconciles,
+            "health": own_health(),
             "last_reconcile": self.last_reconcile,
             "events": self.events,
             "uevent_rcvbuf": self.source.effective_rcvbuf,
@@ -568,13 +605,48 @@ class Daemon:
         return {"report": self._evaluate(phase, facts).to_json()}
 
 
+class AlreadyRunning(Exception):
+    """Another daemon holds the lock of this control socket or state file."""
+
+
+def take_locks(paths: tuple[str, ...]) -> list[int]:
+    """Hold an exclusive flock on PATH.lock for each path, for the daemon's life.
+
+    One daemon per control socket and per state file (DESIGN.md "The agent"):
+    a lock, not a probe of the socket, so two daemons starting at once cannot
+    both win, and a dead daemon's lock goes with its process.
+    Raises AlreadyRunning naming the path whose lock is held.
+    """
+    import fcntl
+
+    fds: list[int] = []
+    try:
+        for path in sorted(set(paths)):
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(f"{path}.lock", flags, 0o600)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise AlreadyRunning(f"another daemon holds {path}.lock") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 def run_daemon(policy: Policy, root: str, config_path: str | None) -> int:
+    """Run the daemon until SIGTERM; the process exit code (1: could not start)."""
     from .log import setup_logging
 
     setup_logging()
     daemon = Daemon(policy, root, config_path)
     try:
         return asyncio.run(daemon.run())
+    except AlreadyRunning as exc:
+        log.critical("cannot start: %s; one daemon per control socket and state file", exc)
+        return 1
     except PermissionError as exc:
         log.critical("cannot start: %s (run as root)", exc)
         return 1

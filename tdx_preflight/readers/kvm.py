@@ -124,6 +124,7 @@ def _from_debugfs(host: Host, names: list[str]) -> tuple[list[VmHandle], list[st
     """
     vms: list[VmHandle] = []
     bad: list[str] = []
+    tgids: dict[int, int | Problem] = {}  # one thread often creates many VMs
     for name in sorted(names):
         m = _DEBUGFS_ENTRY.fullmatch(name)
         if not m:
@@ -132,7 +133,7 @@ def _from_debugfs(host: Host, names: list[str]) -> tuple[list[VmHandle], list[st
                 bad.append(name)
             continue
         tid, fd = int(m.group(1)), int(m.group(2))
-        pid = tgid_of(host, tid)
+        pid = tgids.get(tid) or tgids.setdefault(tid, tgid_of(host, tid))
         vms.append(VmHandle(tid, fd, pid if isinstance(pid, int) else None, f"debugfs kvm/{name}"))
     return vms, bad, []
 
