@@ -55,7 +55,16 @@ class HostView(NamedTuple):
 
 
 class TdxModule(NamedTuple):
-    state: str  # "initialized", "failed", "not initialized" or "unknown"
+    """The TDX module as every source tells it.
+
+    `state`: "initialized", "failed", "not loaded" (the BIOS loaded no module), "not
+    initialized" (old firmware sysfs: none, loaded or shutdown), "not supported" (7.1+
+    log: the platform has no TDX) or "unknown". `version` as the source printed it:
+    X.Y.ZZ (tdx_host/version, 7.1+ log), X.Y.ZZ.WW (6.14 -intel log) or X.Y (old sysfs,
+    6.8 -intel log); tdx.version_key gives the form a configured list is compared with.
+    """
+
+    state: str
     version: str | None
     sources: dict[str, str]
 
@@ -125,6 +134,8 @@ class HostFacts(NamedTuple):
     guests: list[kvm.Guest]
     ledger: Ledger | None = None
     target: TargetKernel | None = None
+    #: sys/class/firmware/tdx_module (7.2+ runtime update); None: absent or not read.
+    module_update: tdx.ModuleUpdate | None = None
 
     @property
     def is_intel(self) -> bool | None:
@@ -206,7 +217,7 @@ def module_state(
     sources: dict[str, str] = {}
     state = "unknown"
     ver: str | None = None
-    failed = False
+    from_log: str | None = None  # the log's word when it is not "initialized"
     if isinstance(version, str):
         sources["tdx_host version"] = version
         state, ver = "initialized", version
@@ -225,7 +236,7 @@ def module_state(
             if log.state == "initialized":
                 state = "initialized"
             else:
-                failed = True
+                from_log = log.state
         ver = ver or log.version
     elif log.kind != "absent":
         sources["kernel log"] = f"unreadable: {log}"
@@ -235,8 +246,8 @@ def module_state(
         state = "initialized"
     elif kvm_param is False:
         sources["kvm_intel tdx"] = "N"
-    if state == "unknown" and failed:
-        state = "failed"
+    if state == "unknown" and from_log:
+        state = "not supported" if from_log == "unsupported" else from_log
     if (
         state == "unknown"
         and isinstance(firmware, tdx.FirmwareTdx)
@@ -303,4 +314,5 @@ def gather(
         guests=guests,
         ledger=ledger,
         target=read_target(host, target_image) if target_image else None,
+        module_update=tdx.read_module_update(host) if full else None,
     )

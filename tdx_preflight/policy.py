@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import stat
 from typing import Any, NamedTuple
 
-from .checks import PHASES, REGISTRY
+from .checks import PHASES, REGISTRY, Settings
 from .host import kind_name
 
 DEFAULT_PATH = "/etc/tdx-preflight/config.yaml"
@@ -27,6 +28,7 @@ MAX_SIZE = 1 << 20
 #: sun_path holds 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
 _MAP_TAG = "tag:yaml.org,2002:map"
+_MODULE_VERSION = re.compile(r"\d+\.\d+\.\d+")
 
 
 class ConfigError(Exception):
@@ -64,7 +66,15 @@ class Policy(NamedTuple):
     inhibit_bus: str | None = None
     #: node_exporter textfile the daemon rewrites after every refresh; None: off.
     metrics_file: str | None = None
+    #: TDX module versions (X.Y.ZZ, as tdx_host/version prints them) the operator vouches
+    #: implement TDH.SYS.DISABLE; a check's pass that rests on it says so in the report.
+    sys_disable_module_versions: tuple[str, ...] = ()
     source: str | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """What the checks that take the configuration see."""
+        return Settings(frozenset(self.sys_disable_module_versions), self.source or DEFAULT_PATH)
 
     def is_blocking(self, check_id: str, default: frozenset[str], phase: str) -> bool:
         return (
@@ -301,6 +311,28 @@ def _bool(path: str, node: Any, value: Any) -> bool:
     return value
 
 
+def _module_versions(path: str, node: Any, value: Any) -> tuple[str, ...]:
+    """A list of X.Y.ZZ strings (YAML would read an unquoted 1.5 as a float: say so)."""
+    if not isinstance(value, list):
+        raise ConfigError(
+            path, _line(node), 'sys_disable_module_versions: expected a list of "X.Y.ZZ" strings'
+        )
+    seen: set[str] = set()
+    for i, v in enumerate(value):
+        line = _line(node.value[i])
+        if not isinstance(v, str) or not _MODULE_VERSION.fullmatch(v):
+            raise ConfigError(
+                path,
+                line,
+                f"sys_disable_module_versions: {v!r} is not a module version as "
+                'tdx_host/version prints it (quote it: "1.5.08")',
+            )
+        if v in seen:
+            raise ConfigError(path, line, f"sys_disable_module_versions: {v!r} listed twice")
+        seen.add(v)
+    return tuple(value)
+
+
 _SETTINGS = {
     "root": _root,
     "load_msr_module": _msr,
@@ -317,4 +349,5 @@ _SETTINGS = {
     "inhibit_shutdown": _bool,
     "inhibit_bus": _optional_str,
     "metrics_file": _path,
+    "sys_disable_module_versions": _module_versions,
 }

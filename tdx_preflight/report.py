@@ -12,6 +12,11 @@ from .host import Problem
 from .policy import Policy
 
 SCHEMA = 1
+#: The checklist's rules version (DESIGN.md, "The checklist (rules version 2)").
+RULES = 2
+#: Evidence key of a check whose outcome rests on the configured
+#: sys_disable_module_versions; its value is "config FILE".
+VOUCHED_BY = "sys_disable_vouched_by"
 EXIT_ALLOW, EXIT_FAIL, EXIT_USAGE, EXIT_UNKNOWN, EXIT_NO_DAEMON = 0, 1, 2, 3, 4
 
 
@@ -77,6 +82,22 @@ class Report:
             "tdx_in_use": f.tdx_use.state,
             "tdx_module": f.module.to_json(),
             "view": f.view.to_json(),
+            "rules": RULES,
+        }
+
+    def sys_disable_vouched(self) -> dict[str, Any] | None:
+        """Which checks' outcomes rest on the operator's sys_disable_module_versions list.
+
+        None when none does; else {"module_version", "config", "key", "checks": [ids]}.
+        """
+        rest = [r for r in self.results if VOUCHED_BY in r.evidence]
+        if not rest:
+            return None
+        return {
+            "module_version": rest[0].evidence.get("module_version"),
+            "config": rest[0].evidence[VOUCHED_BY].removeprefix("config "),
+            "key": "sys_disable_module_versions",
+            "checks": [r.id for r in rest],
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -90,6 +111,7 @@ class Report:
             "host": self.host_json(),
             "checks": [r.to_json() for r in self.results],
             "guests": [g.to_json() for g in self.facts.guests],
+            "sys_disable_vouched": self.sys_disable_vouched(),
             "generated_at": self.generated_at,
             "duration_ms": round(self.duration_ms, 1),
         }
@@ -116,8 +138,9 @@ def _blocks(check_id: str, status: str, blocking: bool, phase: str, policy: Poli
 def evaluate(facts: HostFacts, phase: str, policy: Policy, started: float | None = None) -> Report:
     """Run every check for `phase` and compute the verdict (DESIGN.md, "The checklist")."""
     results: list[CheckResult] = []
+    settings = policy.settings
     for chk in CHECKS:
-        out: Outcome = chk.evaluate(facts, phase)
+        out: Outcome = chk.evaluate(facts, phase, settings)
         blocking = out.status != "skip" and policy.is_blocking(chk.id, chk.blocking, phase)
         remedy = out.remedy if out.status not in ("pass", "skip") else None
         results.append(

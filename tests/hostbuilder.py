@@ -137,6 +137,15 @@ _BUG_ORDER: list[str] = _words(
     "bhi ibpb_no_ret spectre_v2_user old_microcode its its_native_only tsa vmscape"
 )
 
+TDX_HOST = "sys/devices/faux/tdx_host"
+FW_UPLOAD_CLASS = "sys/class/firmware/tdx_module"
+# HostSpec field (the pre-6.19 file name) -> its 6.19+ name in sys/kernel/kexec/.
+KEXEC_NAMES = {
+    "kexec_loaded": "loaded",
+    "kexec_crash_loaded": "crash_loaded",
+    "kexec_crash_size": "crash_size",
+}
+
 # misc cgroup resources in enum misc_res_type order (include/linux/misc_cgroup.h).
 _MISC_ORDER = ["sev", "sev_es", "tdx"]
 
@@ -238,6 +247,17 @@ class HostSpec:
     kexec_loaded: int | None = 1  # sys/kernel/kexec_loaded; None: absent
     kexec_crash_loaded: int | None = 0
     kexec_crash_size: int | None = 0
+    # Where the three values live: "old" sys/kernel/kexec_* files (before 6.19), "new"
+    # sys/kernel/kexec/{loaded,crash_loaded,crash_size} only, "both" the 6.19+ layout
+    # (the directory, and the old names as symlinks into it).
+    kexec_sysfs: str = "old"
+    kexec_crash_cma_ranges: str | None = None  # sys/kernel/kexec/crash_cma_ranges (new layouts)
+    # sys/devices/faux/tdx_host/<name> beside version (7.2+): "seamldr_version",
+    # "num_remaining_updates", or the "seamldr/version" variant; written as given.
+    tdx_host_attrs: dict[str, str] | None = None
+    # Runtime module update (7.2+): files of tdx_host/firmware/tdx_module/ ("status", "error",
+    # ...) with the class link sys/class/firmware/tdx_module; None: absent.
+    fw_upload: dict[str, str] | None = None
     online: str | None = None  # sys/devices/system/cpu/online; default "0-(cpus-1)"
     debugfs_kvm: bool = True  # sys/kernel/debug/kvm/ with its stat files
     processes: list[VmProc] = field(default_factory=list)
@@ -596,15 +616,42 @@ def _write_tdx_state(root: str, spec: HostSpec) -> None:
     if spec.kvm_intel_tdx is not None:
         _file(root, "sys/module/kvm_intel/parameters/tdx", _line(spec.kvm_intel_tdx))
     if spec.tdx_host_version is not None:
-        _file(root, "sys/devices/faux/tdx_host/version", _line(spec.tdx_host_version))
+        _file(root, f"{TDX_HOST}/version", _line(spec.tdx_host_version))
     if spec.firmware_tdx is not None:
         _mkdir(os.path.join(root, "sys/firmware/tdx/tdx_module"))
         for name, value in spec.firmware_tdx.items():
             _file(root, f"sys/firmware/tdx/tdx_module/{name}", _line(value))
-    for name in ("kexec_loaded", "kexec_crash_loaded", "kexec_crash_size"):
-        value = getattr(spec, name)
-        if value is not None:
-            _file(root, f"sys/kernel/{name}", _line(value))
+    if spec.tdx_host_attrs is not None:
+        for name, value in spec.tdx_host_attrs.items():
+            _file(root, f"{TDX_HOST}/{name}", _line(value))
+    if spec.fw_upload is not None:
+        device = f"{TDX_HOST}/firmware/tdx_module"
+        _mkdir(os.path.join(root, device))
+        for name, value in spec.fw_upload.items():
+            _file(root, f"{device}/{name}", _line(value))
+        _mkdir(os.path.join(root, "sys/class/firmware"))
+        _symlink("../../devices/faux/tdx_host/firmware/tdx_module", f"{root}/{FW_UPLOAD_CLASS}")
+    _write_kexec(root, spec)
+
+
+def _write_kexec(root: str, spec: HostSpec) -> None:
+    if spec.kexec_sysfs not in ("old", "new", "both"):
+        raise ValueError(f"kexec_sysfs: old, new or both, not {spec.kexec_sysfs!r}")
+    new = spec.kexec_sysfs in ("new", "both")
+    if new:
+        _mkdir(os.path.join(root, "sys/kernel/kexec"))
+        if spec.kexec_crash_cma_ranges is not None:
+            _file(root, "sys/kernel/kexec/crash_cma_ranges", spec.kexec_crash_cma_ranges.encode())
+    for old, name in KEXEC_NAMES.items():
+        value = getattr(spec, old)
+        if value is None:
+            continue
+        if not new:
+            _file(root, f"sys/kernel/{old}", _line(value))
+            continue
+        _file(root, f"sys/kernel/kexec/{name}", _line(value))
+        if spec.kexec_sysfs == "both":
+            _symlink(f"kexec/{name}", f"{root}/sys/kernel/{old}")
 
 
 # --------------------------------------------------------------------------- cgroups
@@ -1317,6 +1364,35 @@ def tdx_host(**overrides: Any) -> HostSpec:
             base["release"] or release, base["cmdline"], base.get("cpus", 4)
         )
     return HostSpec(**base)
+
+
+#: kallsyms of a 7.2+ TDX host: tdx_sys_disable is global; the flush became the static (and
+#: usually inlined) tdx_cpu_flush_cache, so no flush name is listed.
+KALLSYMS_7_2 = ["tdx_sys_disable", "tdx_enable", "tdx_cpu_enable", "tdx_shutdown"]
+
+
+def tdx_host_7(release: str = "7.3.1-1-amd64", **overrides: Any) -> HostSpec:
+    """A Granite Rapids host on a 7.2+ kernel running TDX: tdx_sys_disable in kallsyms, the
+    6.19+ kexec sysfs (directory plus links), tdx_host with P-SEAMLDR attributes, an idle
+    runtime-update device, and 7.1+ log lines. `overrides` win."""
+    cmdline = (
+        f"BOOT_IMAGE=/boot/vmlinuz-{release} root=/dev/mapper/vg-root ro quiet crashkernel=512M"
+    )
+    base: dict[str, Any] = dict(
+        release=release,
+        cmdline=cmdline,
+        kallsyms=list(KALLSYMS_7_2),
+        kexec_sysfs="both",
+        kexec_crash_cma_ranges="",
+        tdx_host_attrs={"seamldr_version": "2.0.00", "num_remaining_updates": "16"},
+        fw_upload={"status": "idle", "error": "none", "remaining_size": "0", "loading": "0"},
+    )
+    base.update(overrides)
+    if "kmsg" not in overrides:
+        kmsg = tdx_boot_kmsg(release, cmdline, base.get("cpus", 4))
+        version = base.get("tdx_host_version", "1.5.08")
+        base["kmsg"] = [*kmsg, f"virt/tdx: Module version: {version or '1.5.08'}"]
+    return tdx_host(**base)
 
 
 def qemu_td_cmdline(name: str = "td1", json_object: bool = False) -> list[str]:

@@ -26,6 +26,7 @@ from hostbuilder import (
 
 TDX_ONLY = (
     "tdx.module",
+    "tdx.module_update",
     "errata.tdx_pw_mce",
     "kernel.cache_flush",
     "guests.td",
@@ -59,6 +60,7 @@ def test_granite_rapids_idle_allows_and_warns_about_after_kexec(tmp_path: Path) 
         "platform.cpu": "pass",
         "platform.tdx": "pass",
         "tdx.module": "pass",
+        "tdx.module_update": "pass",
         "errata.tdx_pw_mce": "pass",
         "kernel.kexec": "pass",
         "kernel.cache_flush": "pass",
@@ -365,18 +367,6 @@ def test_malformed_cpuinfo_is_unknown_and_blocks(tmp_path: Path) -> None:
     report, st = check(tmp_path, spec)
     assert st["platform.cpu"] == "unknown" and st["errata.tdx_pw_mce"] == "unknown"
     assert report["exit_code"] == 3
-
-
-def test_sys_disable_symbol_is_reported_but_does_not_lift_the_erratum(tmp_path: Path) -> None:
-    spec = tdx_host(
-        cpu="emerald_rapids",
-        extra_bugs=["tdx_pw_mce"],
-        kallsyms=["tdx_cpu_flush_cache", "tdx_sys_disable"],
-    )
-    report, st = check(tmp_path, spec)
-    assert st["errata.tdx_pw_mce"] == "fail"
-    erratum = next(c for c in report["checks"] if c["id"] == "errata.tdx_pw_mce")
-    assert "tdx_sys_disable" in erratum["evidence"]["kallsyms"]
 
 
 def test_text_output_names_every_check_and_the_verdict(tmp_path: Path) -> None:

@@ -29,7 +29,18 @@ class Outcome(NamedTuple):
         return self._replace(cap=why)
 
 
-CheckFn = Callable[[HostFacts, str], Outcome]
+class Settings(NamedTuple):
+    """What the configuration tells the checks that take it (policy.Policy.settings).
+
+    `sys_disable_module_versions`: TDX module versions (X.Y.ZZ) the operator vouches
+    implement TDH.SYS.DISABLE; `config_file`: where to add one (named in remedies).
+    """
+
+    sys_disable_module_versions: frozenset[str] = frozenset()
+    config_file: str = "/etc/tdx-preflight/config.yaml"
+
+
+CheckFn = Callable[..., Outcome]
 
 
 class Check(NamedTuple):
@@ -44,8 +55,10 @@ class Check(NamedTuple):
     func: CheckFn
     #: Phases in which the check is always skip, with why; its function never sees them.
     skips: dict[str, str]
+    #: The function takes the configuration's Settings as a third argument.
+    settings: bool = False
 
-    def evaluate(self, facts: HostFacts, phase: str) -> Outcome:
+    def evaluate(self, facts: HostFacts, phase: str, settings: Settings | None = None) -> Outcome:
         """The row's outcome; a TDX-only row is skip when TDX is not in use and
         unknown (naming the unreadable sources) when that cannot be told, unless
         the row does not apply in this phase at all (then skip)."""
@@ -55,12 +68,17 @@ class Check(NamedTuple):
         if phase in self.skips:
             return Outcome("skip", self.skips[phase])
         if not self.tdx_only or use.state == "yes":
-            return self.func(facts, phase)
-        own = self.func(facts, phase)
+            return self._run(facts, phase, settings)
+        own = self._run(facts, phase, settings)
         if own.status == "skip":
             return own
         out = tdx_use_unknown(use.sources, use.unreadable)
         return out.at_worst_warn(own.cap) if own.cap else out
+
+    def _run(self, facts: HostFacts, phase: str, settings: Settings | None) -> Outcome:
+        if self.settings:
+            return self.func(facts, phase, settings or Settings())
+        return self.func(facts, phase)
 
 
 def tdx_use_unknown(sources: dict[str, str], unreadable: tuple[str, ...]) -> Outcome:
@@ -92,11 +110,14 @@ def check(
     reads: tuple[str, ...],
     remedies: dict[str, str],
     skips: dict[str, str] | None = None,
+    settings: bool = False,
 ) -> Callable[[CheckFn], CheckFn]:
     """Declare a check next to its function; registration order is report order.
 
     `skips` maps each phase in which the check never applies to the reason: the
     policy refuses a `blocking` entry for such a phase (it could never take effect).
+
+    `settings=True`: the function is `func(facts, phase, settings)` (base.Settings).
     """
 
     def register(func: CheckFn) -> CheckFn:
@@ -113,6 +134,7 @@ def check(
             remedies,
             func,
             dict(skips or {}),
+            settings,
         )
         return func
 

@@ -7,6 +7,7 @@ from typing import Any
 from ..facts import HostFacts
 from ..host import Problem
 from ..readers import kernel
+from . import derived
 from .base import Outcome, check, problem_remedy
 
 FIRST_FLUSHING_RELEASE = (6, 18)
@@ -22,6 +23,8 @@ def _kexec_evidence(facts: HostFacts) -> dict[str, Any]:
         "kexec_loaded": show(k.loaded),
         "kexec_crash_loaded": show(k.crash_loaded),
         "kexec_crash_size": show(k.crash_size),
+        "kexec_crash_cma_ranges": show(k.crash_cma_ranges),
+        "kexec_sysfs": k.paths,
         "kernel_release": facts.release if isinstance(facts.release, str) else None,
     }
     cfg = facts.config
@@ -40,40 +43,47 @@ def _kexec_evidence(facts: HostFacts) -> dict[str, Any]:
     tdx_only=False,
     question="Can the running kernel kexec at all (and, for kdump, does it reserve crash memory)?",
     why="Linux 6.8 to 6.17 could not build TDX host support and kexec together: such a "
-    "kernel has no kexec syscalls and no /sys/kernel/kexec_loaded. The sysfs file is the "
-    "evidence, not the version number (distributions backport).",
+    "kernel has no kexec syscalls and no kexec sysfs. The sysfs files are the evidence, "
+    "not the version number (distributions backport). 6.19 moved them into "
+    "/sys/kernel/kexec/ and left the old names as links.",
     reads=(
-        "/sys/kernel/kexec_loaded",
-        "/sys/kernel/kexec_crash_size (crash phase)",
+        "/sys/kernel/kexec/loaded (6.19+), else /sys/kernel/kexec_loaded",
+        "/sys/kernel/kexec/crash_size, else /sys/kernel/kexec_crash_size, and "
+        "/sys/kernel/kexec/crash_cma_ranges (crash phase)",
         "kernel config (evidence)",
     ),
     remedies={
-        "fail": "Boot a kernel with kexec support (Linux 6.18 or later for TDX hosts, "
-        "CONFIG_KEXEC_CORE=y); for kdump, reserve memory with crashkernel= on the command line.",
-        "unknown": "Make /sys/kernel/kexec_* readable (is sysfs mounted?) and run again.",
+        "fail": "Boot a kernel with kexec support (CONFIG_KEXEC_CORE=y; on a TDX host 6.18 or "
+        "later, and 7.2 or later with a TDX module that implements TDH.SYS.DISABLE on "
+        "Sapphire or Emerald Rapids); for kdump, reserve memory with crashkernel= on the "
+        "command line.",
+        "unknown": "Make the kexec sysfs files readable (is sysfs mounted?) and run again.",
     },
 )
 def kernel_kexec(facts: HostFacts, phase: str) -> Outcome:
     k = facts.kexec
     evidence = _kexec_evidence(facts)
     tdx = facts.tdx_use.state == "yes"
-    outcome = _kexec_rules(k, phase, evidence, tdx)
+    outcome = _kexec_rules(k, phase, evidence, tdx, derived.kernel_remedy(facts))
     if not tdx:
         return outcome.at_worst_warn("TDX not in use: kexec-tools reports its own errors")
     return outcome
 
 
-def _kexec_rules(k: kernel.KexecSysfs, phase: str, evidence: dict[str, Any], tdx: bool) -> Outcome:
+def _kexec_rules(
+    k: kernel.KexecSysfs, phase: str, evidence: dict[str, Any], tdx: bool, upgrade: str
+) -> Outcome:
     loaded = k.loaded
     if isinstance(loaded, Problem):
         if loaded.kind == "absent":
             why = " (a 6.8 to 6.17 kernel with TDX host support has none)" if tdx else ""
             return Outcome(
                 "fail",
-                f"the running kernel has no kexec support: {loaded.path} is absent{why}",
+                "the running kernel has no kexec support: neither sys/kernel/kexec/loaded nor "
+                f"{loaded.path} exists{why}",
                 evidence,
-                "Boot a kernel built with kexec (CONFIG_KEXEC_CORE); on a TDX host that "
-                "means Linux 6.18 or later, or a vendor kernel with the TDX kexec series.",
+                "Boot a kernel built with kexec (CONFIG_KEXEC_CORE)."
+                + (f" On this TDX host: {upgrade}" if tdx else ""),
             )
         return Outcome(
             "unknown",
@@ -84,29 +94,44 @@ def _kexec_rules(k: kernel.KexecSysfs, phase: str, evidence: dict[str, Any], tdx
     if phase != "crash":
         return Outcome("pass", "the running kernel supports kexec", evidence)
     size = k.crash_size
-    if isinstance(size, Problem):
-        if size.kind == "absent":
-            return Outcome(
-                "fail",
-                f"no crash kernel support: {size.path} is absent",
-                evidence,
-                "Boot a kernel built with CONFIG_CRASH_DUMP and a crashkernel= reservation.",
-            )
+    if isinstance(size, Problem) and size.kind != "absent":
         return Outcome(
             "unknown",
             f"cannot read the crash reservation: {size}",
             evidence,
             problem_remedy(size.kind, size.path),
         )
-    if size == 0:
+    if isinstance(size, int) and size > 0:
+        return Outcome(
+            "pass",
+            f"the running kernel supports kdump ({size // (1 << 20)} MiB reserved)",
+            evidence,
+        )
+    cma = k.crash_cma_ranges
+    if isinstance(cma, int) and cma > 0:
+        return Outcome(
+            "pass", f"the running kernel supports kdump ({cma} crash CMA ranges)", evidence
+        )
+    if isinstance(cma, Problem) and cma.kind != "absent":
+        return Outcome(
+            "unknown",
+            f"crash_size is {size if isinstance(size, int) else 'absent'} and the crash CMA "
+            f"ranges cannot be read: {cma}",
+            evidence,
+            problem_remedy(cma.kind, cma.path),
+        )
+    if isinstance(size, Problem):
         return Outcome(
             "fail",
-            "no memory reserved for a crash kernel (kexec_crash_size is 0)",
+            f"no crash kernel support: {size.path} is absent",
             evidence,
-            "Add crashkernel=... to the kernel command line (e.g. crashkernel=512M) and reboot.",
+            "Boot a kernel built with CONFIG_CRASH_DUMP and a crashkernel= reservation.",
         )
     return Outcome(
-        "pass", f"the running kernel supports kdump ({size // (1 << 20)} MiB reserved)", evidence
+        "fail",
+        "no memory reserved for a crash kernel (crash_size is 0, no crash CMA ranges)",
+        evidence,
+        "Add crashkernel=... to the kernel command line (e.g. crashkernel=512M) and reboot.",
     )
 
 
@@ -119,12 +144,14 @@ def _kexec_rules(k: kernel.KexecSysfs, phase: str, evidence: dict[str, Any], tdx
     "new kernel?",
     why="Cache lines written through private KeyIDs must be written back and invalidated "
     "before the new kernel runs, or a later eviction can corrupt memory it uses with "
-    "KeyID 0. Linux 6.18 added the flush (tdx_cpu_flush_cache_for_kexec, later "
-    "tdx_cpu_flush_cache); kallsyms names it on kernels that have it, backports included.",
+    "KeyID 0. Linux 6.18 added the flush (tdx_cpu_flush_cache_for_kexec); 7.2 moved it "
+    "into the TDX shutdown path beside tdx_sys_disable (the static tdx_cpu_flush_cache is "
+    "usually inlined). kallsyms names one of them on kernels that flush, backports included.",
     reads=("/proc/kallsyms (read to its end)", "/proc/sys/kernel/osrelease"),
     remedies={
         "fail": "Boot a kernel that flushes TDX caches on kexec (Linux 6.18 or later, or a "
-        "vendor kernel with the TDX kexec series) before using kexec here; cold reboot now.",
+        "vendor kernel with the TDX kexec series; 7.2 or later on Sapphire or Emerald "
+        "Rapids) before using kexec here; cold reboot now.",
         "unknown": "Make /proc/kallsyms readable (run as root; CONFIG_KALLSYMS) so the "
         "flush can be confirmed.",
     },
@@ -140,16 +167,14 @@ def kernel_cache_flush(facts: HostFacts, phase: str) -> Outcome:
             return Outcome("pass", f"kallsyms names {', '.join(names)}", evidence)
         return Outcome(
             "fail",
-            "kallsyms (read to its end) names neither tdx_cpu_flush_cache_for_kexec nor "
-            "tdx_cpu_flush_cache: this kernel does not flush TDX caches on kexec",
+            f"kallsyms (read to its end) names none of {', '.join(kernel.FLUSH_SYMBOLS)}: "
+            "this kernel does not flush TDX caches on kexec",
             evidence,
-            "Boot a kernel that flushes TDX caches on kexec (Linux 6.18 or later, or a vendor "
-            "kernel with the TDX kexec series); use a cold reboot now.",
+            derived.kernel_remedy(facts) + " Use a cold reboot now.",
         )
     problem = ks if isinstance(ks, Problem) else Problem("absent", "/proc/kallsyms", "not read")
     evidence["kallsyms"] = problem.to_json()
-    version = kernel.parse_release(release) if isinstance(release, str) else None
-    if version is not None and version >= FIRST_FLUSHING_RELEASE:
+    if derived.release_at_least(facts, FIRST_FLUSHING_RELEASE):
         return Outcome(
             "pass",
             f"inferred from release {release} (6.18 or later flushes); kallsyms: {problem.detail}",
@@ -175,7 +200,10 @@ def kernel_cache_flush(facts: HostFacts, phase: str) -> Outcome:
     question="Is a kernel loaded for this phase?",
     why="`kexec -e` fails without a loaded image (systemctl kexec loads one itself); "
     "loading a crash kernel replaces the one loaded now.",
-    reads=("/sys/kernel/kexec_loaded", "/sys/kernel/kexec_crash_loaded"),
+    reads=(
+        "/sys/kernel/kexec/loaded (6.19+), else /sys/kernel/kexec_loaded",
+        "/sys/kernel/kexec/crash_loaded, else /sys/kernel/kexec_crash_loaded",
+    ),
     remedies={
         "warn": "exec: load a kernel first (kexec -l IMAGE --initrd=... --reuse-cmdline) or use "
         "systemctl kexec. crash: the new load replaces the loaded crash kernel.",

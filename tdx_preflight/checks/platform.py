@@ -7,6 +7,7 @@ from typing import Any
 from ..facts import HostFacts
 from ..host import Problem
 from ..readers import kernel, msr
+from . import derived
 from .base import Outcome, check, problem_remedy
 
 CODENAMES = {
@@ -97,35 +98,24 @@ def _msr_remedy(problem: Problem) -> str:
 
 def _not_used_because(facts: HostFacts) -> tuple[str, str]:
     """Why the kernel does not use the TDX KeyIDs the BIOS reserved, and the fix,
-    from what was read (DESIGN.md "Remedies")."""
+    from what was read (DESIGN.md "Remedies"; the fix is derived.enable_tdx_remedy)."""
     config = facts.config
+    cmdline = facts.cmdline if isinstance(facts.cmdline, str) else ""
+    said = facts.module.sources.get("kernel log")
     if isinstance(config, kernel.KernelConfig) and config.values.get("CONFIG_INTEL_TDX_HOST") in (
         None,
         "n",
     ):
-        return (
-            f"the kernel config ({config.source}) lacks INTEL_TDX_HOST",
-            "Boot a kernel built with TDX host support (CONFIG_INTEL_TDX_HOST), or disable "
-            "TDX in the BIOS.",
-        )
-    cmdline = facts.cmdline if isinstance(facts.cmdline, str) else ""
-    if not any(
+        why = f"the kernel config ({config.source}) lacks INTEL_TDX_HOST"
+    elif not any(
         w in ("kvm_intel.tdx=1", "kvm_intel.tdx=Y", "kvm_intel.tdx=y") for w in cmdline.split()
     ):
-        return (
-            "kvm_intel.tdx=1 is not on the kernel command line",
-            "Add kvm_intel.tdx=1 to the kernel command line, or disable TDX in the BIOS.",
-        )
-    said = facts.module.sources.get("kernel log")
-    if facts.module.state == "failed" and said:
-        return (
-            f"kvm_intel.tdx=1 is set but the TDX module failed: {said}",
-            "Fix what the kernel log names (hibernation, KeyIDs, the module in the BIOS).",
-        )
-    return (
-        "kvm_intel.tdx=1 is set but no source reports TDX up",
-        "Read the kernel log (dmesg | grep -i tdx) for why TDX did not come up.",
-    )
+        why = "kvm_intel.tdx=1 is not on the kernel command line"
+    elif facts.module.state == "failed" and said:
+        why = f"kvm_intel.tdx=1 is set but the TDX module failed: {said}"
+    else:
+        why = "kvm_intel.tdx=1 is set but no source reports TDX up"
+    return why, derived.enable_tdx_remedy(facts)
 
 
 def _msr_warnings(facts: HostFacts, m: msr.MsrFacts) -> tuple[list[str], list[str], int | None]:

@@ -7,10 +7,15 @@ from typing import NamedTuple
 
 from ..host import Host, Problem
 
-FLUSH_SYMBOLS = ("tdx_cpu_flush_cache_for_kexec", "tdx_cpu_flush_cache")
-#: Reported as evidence only (the TDH.SYS.DISABLE series, unverified).
+#: The kernel runs TDH.SYS.DISABLE on kexec and kdump (7.2+, global, so always in kallsyms).
 SYS_DISABLE_SYMBOL = "tdx_sys_disable"
-KALLSYMS_NAMES = (*FLUSH_SYMBOLS, SYS_DISABLE_SYMBOL)
+#: Any of these in kallsyms means the kernel flushes TDX cache state on kexec:
+#: 6.18 to 7.1 export tdx_cpu_flush_cache_for_kexec; 7.2 made the flush the static
+#: tdx_cpu_flush_cache (usually inlined) on the shutdown path that tdx_sys_disable's
+#: series built, so tdx_sys_disable is the 7.2+ evidence.
+FLUSH_SYMBOLS = ("tdx_cpu_flush_cache_for_kexec", SYS_DISABLE_SYMBOL, "tdx_cpu_flush_cache")
+#: Every name the checks ask kallsyms about: one scan of the file finds them all.
+KALLSYMS_NAMES = FLUSH_SYMBOLS
 
 _RELEASE = re.compile(r"(\d{1,4})\.(\d{1,4})")
 
@@ -102,10 +107,30 @@ def read_kallsyms(host: Host) -> Kallsyms | Problem:
     return Kallsyms(host.display("proc/kallsyms"), frozenset(found))
 
 
+#: 6.19+ (cf4340bdd967): the kexec attributes live here; the old names link to them.
+KEXEC_DIR = "sys/kernel/kexec"
+#: attribute -> its name before 6.19 (an obsolete symlink from 6.19 on).
+KEXEC_OLD_NAMES = {
+    "loaded": "sys/kernel/kexec_loaded",
+    "crash_loaded": "sys/kernel/kexec_crash_loaded",
+    "crash_size": "sys/kernel/kexec_crash_size",
+}
+_CMA_RANGE = re.compile(r"[0-9a-fA-F]{1,16}-[0-9a-fA-F]{1,16}")
+
+
 class KexecSysfs(NamedTuple):
+    """The kexec sysfs attributes, each read at its 6.19+ path first, its old name second.
+
+    `paths` maps each attribute to the path that answered (or was tried last), so the
+    evidence says which layout the host has. `crash_cma_ranges` is the number of
+    ranges sys/kernel/kexec/crash_cma_ranges lists (6.19+), a Problem, or absent.
+    """
+
     loaded: int | Problem
     crash_loaded: int | Problem
     crash_size: int | Problem
+    crash_cma_ranges: int | Problem = Problem("absent", KEXEC_DIR + "/crash_cma_ranges", "")
+    paths: dict[str, str] | None = None
 
 
 def _flag(host: Host, rel: str) -> int | Problem:
@@ -115,9 +140,38 @@ def _flag(host: Host, rel: str) -> int | Problem:
     return value
 
 
+def _attr(host: Host, name: str, rel: str) -> int | Problem:
+    return host.read_int(rel) if name == "crash_size" else _flag(host, rel)
+
+
+def _cma_ranges(host: Host) -> int | Problem:
+    """How many `%08llx-%08llx` lines crash_cma_ranges lists (kernel/ksysfs.c); 0 when empty."""
+    rel = f"{KEXEC_DIR}/crash_cma_ranges"
+    text = host.read_text(rel, 4096)
+    if isinstance(text, Problem):
+        return text
+    lines = text.split()
+    for line in lines:
+        if not _CMA_RANGE.fullmatch(line):
+            return Problem("malformed", host.display(rel), f"not a range: {line[:40]!r}")
+    return len(lines)
+
+
 def read_kexec(host: Host) -> KexecSysfs:
+    """kexec sysfs: sys/kernel/kexec/{loaded,crash_loaded,crash_size} (6.19+), else the old
+    sys/kernel/kexec_loaded, kexec_crash_loaded, kexec_crash_size (CONFIG_KEXEC_CORE,
+    CONFIG_CRASH_DUMP). Only an absent new path falls back to the old one: a new path that
+    exists but cannot be read stays a Problem. Values: 0/1 flags, crash_size in bytes."""
+    values: dict[str, int | Problem] = {}
+    paths: dict[str, str] = {}
+    for name, old in KEXEC_OLD_NAMES.items():
+        rel = f"{KEXEC_DIR}/{name}"
+        value = _attr(host, name, rel)
+        if isinstance(value, Problem) and value.kind == "absent":
+            rel = old
+            value = _attr(host, name, rel)
+        values[name] = value
+        paths[name] = host.display(rel)
     return KexecSysfs(
-        loaded=_flag(host, "sys/kernel/kexec_loaded"),
-        crash_loaded=_flag(host, "sys/kernel/kexec_crash_loaded"),
-        crash_size=host.read_int("sys/kernel/kexec_crash_size"),
+        values["loaded"], values["crash_loaded"], values["crash_size"], _cma_ranges(host), paths
     )
