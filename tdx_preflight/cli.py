@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -262,7 +263,11 @@ def status(root: str | None, config_path: str | None, fmt: str) -> None:
         why_socket = "no daemon answers"
     else:
         stale = judge_status(
-            got.body, root=host.root, max_age=policy.state_max_age, peer_pid=got.peer_pid
+            got.body,
+            root=host.root,
+            max_age=policy.state_max_age,
+            peer_pid=got.peer_pid,
+            peer_uid=got.peer_uid,
         )
         why_socket = f"its reply is stale: {stale}" if stale else ""
     reply = got.body if got is not None and not why_socket else None
@@ -514,22 +519,20 @@ def exec_(
 
     `tdx-preflight exec -- systemctl kexec`, `tdx-preflight exec -- kexec -e`.
     With kexec as COMMAND, every phase its arguments can perform is checked;
-    any other COMMAND is checked as exec. --phase adds a phase. On block the
+    `systemctl kexec` is checked as load and exec; any other COMMAND (a shell,
+    env, a script: the gate cannot read what it will do) as every phase.
+    --phase adds a phase. On block the
     report is printed and the exit code is the check's.
     """
     import os
 
-    from .kexec_args import KexecArgs, gate_phases, parse_kexec_args
+    from .kexec_args import command_phases, gate_phases
 
     ov = _override(force, reason)
     if not command:
         raise click.UsageError("exec needs -- COMMAND (e.g. -- kexec -e)")
-    if os.path.basename(command[0]).startswith("kexec"):
-        kexec = parse_kexec_args(command[1:])
-        phases = gate_phases(phase, kexec)
-    else:
-        kexec = None
-        phases = gate_phases(phase, KexecArgs(("exec",), None))
+    kexec = command_phases(command)
+    phases = gate_phases(phase, kexec)
     report, code = _gate_check(root, config_path, phases, kexec, ov, metrics_file)
     if code:
         _show(report, fmt)
@@ -622,10 +625,31 @@ def snapshot(root: str | None, config_path: str | None, output: str, keep_cmdlin
         )
 
 
+#: click's shell-completion switch; a shell calls the program with it and no arguments.
+COMPLETE_VAR = "_TDX_PREFLIGHT_COMPLETE"
+
+
 def main() -> None:
-    """Console entry point: never exits 0 on an internal error."""
+    """Console entry point: never exits 0 on an internal error, nor for having
+    printed something other than a verdict when a command was asked for.
+
+    Shell completion runs only when no argument is given (as the shells call it):
+    with arguments, the completion variable is ignored and the command runs. The
+    group's --help and --version answer only when they stand alone: before a
+    command (`--version hook exec`) they are a usage error, never an exit 0.
+    """
+    args = sys.argv[1:]
+    if args:
+        os.environ.pop(COMPLETE_VAR, None)
+        if args[0] in ("-h", "--help", "--version") and len(args) > 1:
+            click.echo(
+                f"Usage: tdx-preflight {args[0]}\n"
+                f"Error: {args[0]} stands alone; a command's own help is COMMAND --help",
+                err=True,
+            )
+            sys.exit(EXIT_USAGE)
     try:
-        cli.main(prog_name="tdx-preflight")
+        cli.main(prog_name="tdx-preflight", complete_var=COMPLETE_VAR)
     except SystemExit:
         raise
     except Exception:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
@@ -167,7 +168,7 @@ class Host:
                 self._safe_fallback = True
         if self._openat2 is not None and not self._safe_fallback:
             try:
-                return self._openat2.open(self._rootfd, rel.encode(), flags)
+                return self._openat2.open(self._rootfd, os.fsencode(rel), flags)
             except OSError as exc:
                 if exc.errno != errno.ENOSYS:
                     raise
@@ -182,7 +183,8 @@ class Host:
     def _open_read(
         self, rel: str, expected: str, chr_ok: bool = False
     ) -> tuple[int, os.stat_result] | Problem:
-        """(fd, stat) of a regular file (or a character device when `chr_ok`)."""
+        """(fd, stat) of a regular file (or, on the live root, a character device when
+        `chr_ok`)."""
         if captured := self._captured(rel):
             return captured
         try:
@@ -191,7 +193,9 @@ class Host:
             return problem_from_oserror(self.display(rel), exc)
         st = os.fstat(fd)
         mode = st.st_mode
-        if stat.S_ISREG(mode) or (chr_ok and stat.S_ISCHR(mode)):
+        # A device is read only on the live root: under any other root a device
+        # node would read this machine's kernel, not the tree's (DESIGN.md "Reading").
+        if stat.S_ISREG(mode) or (chr_ok and self.live and stat.S_ISCHR(mode)):
             return fd, st
         os.close(fd)
         return Problem("io", self.display(rel), f"is {kind_name(mode)}, expected {expected}")
@@ -338,7 +342,7 @@ class Host:
         wanted = {n.encode() for n in names}
         # Search each name that no other wanted name starts: one scan finds both.
         needles = [n for n in wanted if not any(o != n and n.startswith(o) for o in wanted)]
-        overlap = max((len(n) for n in wanted), default=0) + 4
+        overlap = max((len(n) for n in wanted), default=0) + 64  # the line's head too
         found: set[str] = set()
         opened = self._open_read(rel, "a file")
         if isinstance(opened, Problem):
@@ -475,19 +479,26 @@ def parse_uint(text: str, max_digits: int = 20) -> int | None:
     return None
 
 
+#: What stands before a symbol name on a kallsyms line: the address (hex, up to 64
+#: bits) and the type letter (kernel/kallsyms.c s_show: "%px %c %s").
+_KALLSYMS_HEAD = re.compile(rb"[0-9a-fA-F]{1,16} [A-Za-z] ")
+
+
 def _symbols_in(
     buf: bytes | bytearray, end: int, wanted: set[bytes], needles: list[bytes]
 ) -> set[str]:
     """The names of `wanted` that stand in `buf[:end]` as whole kallsyms symbol names.
 
     Lines are `ADDR T name\n` or `ADDR t name\t[module]`: a name starts after
-    the type letter and its two spaces, and ends at a tab or a newline.
+    the hex address, one space, the type letter and one space, at the start of
+    a line, and ends at a tab or a newline.
     """
     found: set[str] = set()
     for needle in needles:
         i = buf.find(needle, 0, end)
         while i >= 0:
-            if i >= 3 and buf[i - 1] == 0x20 and buf[i - 3] == 0x20:
+            start = buf.rfind(b"\n", max(0, i - 24), i) + 1
+            if start and _KALLSYMS_HEAD.fullmatch(buf, start, i):
                 for name in wanted:
                     stop = i + len(name)
                     if stop < end and buf[stop] in (0x0A, 0x09) and buf.startswith(name, i):

@@ -281,3 +281,19 @@ def gate_phases(explicit: str | None, kexec: KexecArgs | None) -> tuple[str, ...
     if explicit:
         wanted.add(explicit)
     return tuple(p for p in ALL_PHASES if p in wanted)
+
+
+def command_phases(command: tuple[str, ...]) -> KexecArgs:
+    """What a command run by `exec` can do: kexec's arguments read by the table,
+    `systemctl [OPTIONS] kexec` loads (when no kernel is loaded) then executes, and
+    any other command, which the gate cannot read (`sh -c ...`, `env kexec ...`, a
+    script), counts as every phase."""
+    import os
+
+    name = os.path.basename(command[0]) if command else ""
+    if name.startswith("kexec"):
+        return parse_kexec_args(command[1:])
+    verbs = [a for a in command[1:] if not a.startswith("-")]
+    if name == "systemctl" and verbs[:1] == ["kexec"]:
+        return KexecArgs(("load", "exec"), None)
+    return KexecArgs(ALL_PHASES, None, f"{name or 'the command'} is not kexec: every phase")

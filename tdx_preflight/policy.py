@@ -194,6 +194,12 @@ def parse(text: str, path: str = "<config>") -> Policy:
                 )
             value = loader.construct_object(value_node, deep=True)
             values[key] = _SETTINGS[key](path, value_node, value)
+    except RecursionError:
+        # PyYAML composes and constructs recursively: deep nesting is no configuration.
+        line = getattr(getattr(loader, "mark", None), "line", None)
+        raise ConfigError(
+            path, line + 1 if isinstance(line, int) else None, "invalid YAML: nested too deeply"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)

@@ -525,7 +525,7 @@ def plan_tree(rec: RecordingHost, facts: HostFacts, keep_cmdlines: bool) -> tupl
     notes: list[str] = []
     dropped_pids: set[int] = set()
     dropped_links = 0
-    denied_fd_dirs = 0
+    denied_fd_dirs: set[int] = set()
 
     def wanted(rel: str) -> bool:
         pid = _proc_pid(rel)
@@ -591,14 +591,21 @@ def plan_tree(rec: RecordingHost, facts: HostFacts, keep_cmdlines: bool) -> tupl
         if problem.kind == "absent" or rel in rec.files or rel in rec.kmsg:
             continue
         pid = _proc_pid(rel)
+        if op == "readlink" and _PROC_FD.fullmatch(rel):
+            # A descriptor that could not be read could hold a VM: the replay lists it
+            # and reads it as the same Problem (the manifest's unreadable list).
+            plan.add(rel, Node("file", b""))
+            if pid is not None and pid not in holders:
+                denied_fd_dirs.add(pid)
+            continue
         if pid is not None and pid not in holders:
             if op == "list" and rel == f"proc/{pid}/fd":
                 # The process must be listed for its descriptors to be unreadable on replay.
                 plan.add(f"proc/{pid}", Node("dir"))
-                denied_fd_dirs += 1
+                denied_fd_dirs.add(pid)
             continue
         if op == "readlink":
-            continue  # the readers ignore a descriptor they cannot read
+            continue  # other links (namespaces) that failed: absent in the tree
         if op == "kallsyms" and problem.kind == "malformed":
             plan.add(rel, Node("file", b""))  # "empty" is the only malformed kallsyms
             continue
@@ -626,7 +633,8 @@ def plan_tree(rec: RecordingHost, facts: HostFacts, keep_cmdlines: bool) -> tupl
                 "path": "proc/PID/fd",
                 "read": "list",
                 "kind": "permission",
-                "detail": f"{denied_fd_dirs} processes' descriptors could not be listed",
+                "detail": f"{len(denied_fd_dirs)} processes' descriptors could not be listed "
+                "or read",
                 "replayed_as": "empty proc/PID directories in the tree" + _OVERLAY,
             }
         )
@@ -913,6 +921,9 @@ class _Budget:
         self.members = 0
         self.bytes = 0
         self.names: set[str] = set()
+        self.symlinks: set[str] = set()
+        #: Every proper prefix of a member's name: directories some member lies below.
+        self.parents: set[str] = set()
 
     def check(self, member: tarfile.TarInfo) -> None:
         # filter="data" strips a leading "/" and allows ".." that stays inside; a tree this
@@ -921,16 +932,29 @@ class _Budget:
         parts = member.name.split("/")
         if member.name.startswith("/") or ".." in parts:
             raise UnsafeMember(member, "an absolute path or one with '..'")
+        if member.isdir() and parts[-1:] == [""]:
+            parts = parts[:-1]
+        # One spelling per path: `./a`, `a//b` or `a/./b` would name a member twice.
+        if not parts or any(p in ("", ".") for p in parts):
+            raise UnsafeMember(member, "not a plain relative path")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts))]
+        if any(p in self.symlinks for p in prefixes):
+            raise UnsafeMember(member, "below a symlink (it would name another member's path)")
+        if member.issym() and "/".join(parts) in self.parents:
+            raise UnsafeMember(member, "a symlink where other members are a directory")
         if not (member.isreg() or member.isdir() or member.issym()):
             raise UnsafeMember(member, "not a regular file, directory or symlink")
         if member.issym():
             target = member.linkname
             if target.startswith("/") or ".." in target.split("/"):
                 raise UnsafeMember(member, f"a symlink to {target!r}, out of the tree")
-        name = member.name.rstrip("/")
+        name = "/".join(parts)
         if name in self.names:
             raise UnsafeMember(member, "given twice (a later member would replace the first)")
         self.names.add(name)
+        self.parents.update(prefixes)
+        if member.issym():
+            self.symlinks.add(name)
         self.members += 1
         self.bytes += member.size
         if self.members > MAX_MEMBERS or self.bytes > MAX_BYTES:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -185,16 +187,24 @@ def test_status_believes_a_state_file_only_from_the_running_daemon(
     live_daemon: DaemonProc, tmp_path: Path
 ) -> None:
     real = live_daemon.state()
-    path = tmp_path / "state.json"
+    path = Path(live_daemon.state_file)  # the daemon holds its lock; the socket is elsewhere
     cfg = config(tmp_path, control_socket=str(tmp_path / "nobody.sock"), state_file=str(path))
-    path.write_text(json.dumps(real))
     control = run_cli("status", "--config", str(cfg), "--format", "json")
     assert control.code == real["exit_code"] and "state file" in control.json()["source"]
-    for what, body in state_variants(real).items():
-        path.write_text(body if isinstance(body, str) else json.dumps(body))
-        run = run_cli("status", "--config", str(cfg))
-        assert run.code == 4, what
-        assert "Traceback" not in run.stderr, (what, run.stderr)
+    try:
+        for what, body in state_variants(real).items():
+            path.write_text(body if isinstance(body, str) else json.dumps(body))
+            run = run_cli("status", "--config", str(cfg))
+            assert run.code == 4, what
+            assert "Traceback" not in run.stderr, (what, run.stderr)
+    finally:
+        path.write_text(json.dumps(real))
+    # A faithful copy elsewhere names a live daemon, but not the one holding that file.
+    copy = tmp_path / "copy.json"
+    copy.write_text(json.dumps(real))
+    other = config(tmp_path, control_socket=str(tmp_path / "nobody.sock"), state_file=str(copy))
+    run = run_cli("status", "--config", str(other))
+    assert run.code == 4 and "does not hold" in run.stderr
 
 
 def test_a_fifo_as_state_file_does_not_hang_status(tmp_path: Path) -> None:
@@ -251,3 +261,49 @@ def test_a_huge_sparse_kallsyms_is_refused_from_its_size(tmp_path: Path) -> None
     flush = next(c for c in run.json()["checks"] if c["id"] == "kernel.cache_flush")
     assert "larger than 256 MiB" in json.dumps(flush["evidence"]), flush
     assert took < 10, f"a 4 GiB sparse kallsyms took {took:.1f} s"
+
+
+FAKE_DAEMON = """
+import json, os, socket, sys
+reply = json.loads(sys.stdin.read())
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[2])
+s.listen(4)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(65536)
+    c.sendall(json.dumps({**reply, "daemon_pid": os.getpid()}).encode() + b"\\n")
+    c.close()
+"""
+
+
+def test_status_does_not_believe_another_users_process_dressed_as_the_daemon(
+    live_daemon: DaemonProc, tmp_path: Path
+) -> None:
+    real = live_daemon.status()
+    # A directory nobody can reach (pytest's own are root-only) and bind a socket in.
+    work = Path(tempfile.mkdtemp(prefix="tdxpf-fake-", dir="/tmp"))
+    work.chmod(0o777)
+    script = work / "tdx-preflight"  # its command line reads `.../tdx-preflight daemon`
+    script.write_text(FAKE_DAEMON)
+    sock = work / "control.sock"
+    fake = subprocess.Popen(
+        ["/usr/bin/python3", str(script), "daemon", str(sock)],  # reachable by nobody
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        user=65534,
+    )
+    try:
+        assert fake.stdin is not None and fake.stdout is not None
+        fake.stdin.write(json.dumps(real))
+        fake.stdin.close()
+        assert fake.stdout.readline().strip() == "ready"
+        cfg = config(tmp_path, control_socket=str(sock), state_file=str(tmp_path / "none.json"))
+        run = run_cli("status", "--config", str(cfg))
+        assert run.code == 4 and "neither root nor this user" in run.stderr
+    finally:
+        fake.kill()
+        fake.wait()
+        shutil.rmtree(work, ignore_errors=True)

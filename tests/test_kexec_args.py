@@ -122,7 +122,7 @@ def _exec(root: Path, tmp_path: Path, *args: str) -> tuple[Any, Path]:
         (["--", "kexec", "-l", "/boot/vmlinuz", "-e"], ["load", "exec"]),
         (["--phase", "load", "--", "kexec", "-e"], ["load", "exec"]),
         (["--", "kexec", "/boot/vmlinuz"], ["load", "exec"]),
-        (["--phase", "crash", "--", "systemctl", "kexec"], ["exec", "crash"]),
+        (["--phase", "crash", "--", "systemctl", "kexec"], ["load", "exec", "crash"]),
     ],
 )
 def test_exec_checks_every_phase_kexec_can_perform(

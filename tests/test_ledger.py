@@ -165,3 +165,14 @@ def test_classification_reaches_a_vcpu_held_vm() -> None:
     [e] = ledger.live
     assert (e.kind, e.name, e.to_json()["vcpu_only"]) == ("td", "td1", True)
     assert ledger.view().tds_not_destroyed == ("td1 (pid 4000)",)
+
+
+def test_an_incomplete_enumeration_removes_only_vms_of_processes_it_read() -> None:
+    ledger = found_by_proc(4)
+    other = ledger.reconcile([proc_handle(4), proc_handle(7, pid=PID + 1)], "proc")
+    assert other == (1, 0, 0)
+    # PID+1's descriptors could not be read this time: its VM stays; PID's VM 4 is gone.
+    added, removed, _ = ledger.reconcile([], "proc", complete=False, unseen=frozenset({PID + 1}))
+    assert (added, removed) == (0, 1) and live(ledger) == [(None, PID + 1, 7)]
+    # A gap with no bounds removes nothing.
+    assert ledger.reconcile([], "proc", complete=False, unseen=None)[1] == 0

@@ -248,3 +248,30 @@ def test_a_manifest_that_does_not_parse_is_refused(tmp_path: Path) -> None:
     (tree / "SNAPSHOT.json").write_text(json.dumps(manifest))
     run = run_cli("check", "--root", str(tree), "--format", "json")
     assert run.code == 3 and statuses(run.json())["platform.cpu"] == "unknown"
+
+
+def _with_extra_member(archive: Path, out: Path, *extra: tuple[tarfile.TarInfo, bytes]) -> Path:
+    """The snapshot's members again, then `extra` ones (before the end-of-archive blocks)."""
+    with tarfile.open(archive, "r:gz") as src, tarfile.open(out, "w:gz") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m) if m.isreg() else None)
+        for info, data in extra:
+            info.size = len(data) if info.isreg() else 0
+            dst.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return out
+
+
+@pytest.mark.parametrize(
+    "alias", ["./proc/cmdline", "proc//cmdline", "proc/./cmdline", "p/cmdline"]
+)
+def test_a_member_named_twice_in_another_spelling_is_refused(tmp_path: Path, alias: str) -> None:
+    archive = _snapshot(tmp_path)
+    extra: list[tuple[tarfile.TarInfo, bytes]] = []
+    if alias.startswith("p/"):
+        link = tarfile.TarInfo("p")
+        link.type, link.linkname = tarfile.SYMTYPE, "proc"
+        extra.append((link, b""))
+    extra.append((tarfile.TarInfo(alias), b"quiet\n"))
+    bad = _with_extra_member(archive, tmp_path / "alias.tar.gz", *extra)
+    words = "below a symlink" if alias.startswith("p/") else "not a plain relative path"
+    _refused(bad, tmp_path / "tmp", words)

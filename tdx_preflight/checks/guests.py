@@ -231,14 +231,15 @@ def guests_vm(facts: HostFacts, phase: str) -> Outcome:
     vms = _by_kind(facts, "vm")
     evidence = _enumeration_evidence(facts)
     evidence["vms"] = [_brief(g) for g in vms]
+    e = facts.enumeration
     if vms:
+        more = "" if e.complete else f" (and the list is not complete: {e.problem})"
         return Outcome(
             "warn",
-            f"{len(vms)} plain VM{'s' if len(vms) != 1 else ''} alive: {_names(vms)}",
+            f"{len(vms)} plain VM{'s' if len(vms) != 1 else ''} alive: {_names(vms)}{more}",
             evidence,
             "Shut down or migrate these VMs if their work matters; kexec ends them.",
         )
-    e = facts.enumeration
     if not e.complete:
         problem: Problem | None = e.problem
         return Outcome(

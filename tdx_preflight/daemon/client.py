@@ -22,6 +22,7 @@ class Reply(NamedTuple):
 
     body: dict[str, Any]
     peer_pid: int
+    peer_uid: int
 
 
 def exchange(path: str, obj: dict[str, Any], timeout: float = 5.0) -> Reply | None:
@@ -49,7 +50,7 @@ def exchange(path: str, obj: dict[str, Any], timeout: float = 5.0) -> Reply | No
         s.settimeout(left())
         s.connect(path)
         creds = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
-        peer_pid = struct.unpack("3i", creds)[0]
+        peer_pid, peer_uid, _gid = struct.unpack("3i", creds)
         s.settimeout(left())
         s.sendall(json.dumps(obj).encode() + b"\n")
         total = 0
@@ -73,7 +74,7 @@ def exchange(path: str, obj: dict[str, Any], timeout: float = 5.0) -> Reply | No
         reply = json.loads(b"".join(chunks))
     except (ValueError, RecursionError):
         return None
-    return Reply(reply, peer_pid) if isinstance(reply, dict) else None
+    return Reply(reply, peer_pid, peer_uid) if isinstance(reply, dict) else None
 
 
 def request(path: str, obj: dict[str, Any], timeout: float = 5.0) -> dict[str, Any] | None:
@@ -114,6 +115,8 @@ def daemon_ledger(socket_path: str, root: str, timeout: float = 2.0) -> DaemonLe
         why = f"the daemon watches root {str(reply.get('root'))[:200]}"
     elif not _is_count(pid) or pid != got.peer_pid:
         why = f"the reply names pid {str(pid)[:40]} but came from pid {got.peer_pid}"
+    elif got.peer_uid not in trusted_uids():
+        why = f"the reply came from uid {got.peer_uid}, neither root nor this user"
     elif not isinstance(tds, list) or not all(isinstance(t, str) for t in tds):
         why = "malformed ledger reply"
     if why is not None:
@@ -121,6 +124,13 @@ def daemon_ledger(socket_path: str, root: str, timeout: float = 2.0) -> DaemonLe
     assert isinstance(tds, list)
     info = {"answered": True, "socket": socket_path, "pid": pid, "tds_not_destroyed": tds}
     return DaemonLedger(Ledger(tuple(tds)), info)
+
+
+def trusted_uids() -> tuple[int, ...]:
+    """Whose daemon to believe: root's (the service) or this user's own."""
+    import os
+
+    return (0, os.geteuid())
 
 
 def _is_count(value: object) -> bool:

@@ -313,6 +313,7 @@ class VmLedger:
         method: str,
         now: float | None = None,
         complete: bool = True,
+        unseen: frozenset[int] | None = None,
     ) -> tuple[int, int, int]:
         """Make the live set equal the enumeration; returns (added, removed, deferred).
 
@@ -322,9 +323,10 @@ class VmLedger:
         (same descriptor first). `deferred` counts the VMs left as they are for now because the
         kernel may not have finished creating or destroying them (see the graces
         above); the caller reconciles again after the grace. An incomplete
-        enumeration (`complete` False: some process's descriptors could not be
-        listed) adds and completes entries but removes none: what was not seen
-        is not gone.
+        enumeration (`complete` False) adds and completes entries, and removes
+        only those of processes it read in full: an entry whose process is among
+        `unseen` (its descriptors could not be read), or whose process is not
+        known, stays; with `unseen` None (the gap has no bounds) none is removed.
         """
         now = time.time() if now is None else now
         unmatched = dict.fromkeys(self.live)  # ordered, O(1) removal
@@ -363,7 +365,9 @@ class VmLedger:
             entry.evidence.append("seen by reconcile")
             added += 1
         removed = 0
-        for e in unmatched if complete else ():
+        for e in unmatched:
+            if not complete and (unseen is None or e.pid is None or e.pid in unseen):
+                continue  # not seen is not gone: it could hide where the scan could not look
             young = e.created_by == "event" and now - e.created_at < CREATE_GRACE
             if young and (e.vm_fd is None or "debugfs" not in method):
                 deferred += 1  # its descriptor may not be installed yet

@@ -363,10 +363,24 @@ class Daemon:
             return
         before = {id(e): e.pid for e in self.ledger.live}
         added, removed, deferred = self.ledger.reconcile(
-            enumeration.vms, enumeration.method, complete=enumeration.complete
+            enumeration.vms,
+            enumeration.method,
+            complete=enumeration.complete,
+            unseen=enumeration.unseen,
         )
         if enumeration.problem is not None:
-            log.warning("reconcile (%s): incomplete, nothing removed: %s", why, enumeration.problem)
+            kept = (
+                "nothing removed"
+                if enumeration.unseen is None
+                else f"VMs of {len(enumeration.unseen)} unread processes kept"
+            )
+            log.log(
+                logging.DEBUG if why == "timer" else logging.WARNING,
+                "reconcile (%s): incomplete, %s: %s",
+                why,
+                kept,
+                enumeration.problem,
+            )
         if deferred:
             asyncio.get_running_loop().call_later(
                 CREATE_GRACE + 0.1, self.request_reconcile, "deferred VMs"

@@ -83,18 +83,40 @@ _ENTRY_TEXT = ("name", "created_at", "created_by", "destroyed_at", "destroyed_by
 _VERDICT_CODES = {"allow": (0,), "block": (1, 3), None: (3,)}
 
 
+def holds_lock(pid: int, path: str) -> bool:
+    """Whether process `pid` holds an flock on `path` (from /proc/locks, whose entries
+    name the holder's pid and the locked file's MAJ:MIN:INODE; fs/locks.c lock_get_status)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks", "rb") as f:
+            table = f.read(4 << 20).decode("ascii", "replace")
+    except OSError:
+        return False
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        words = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF" ("->" marks a waiter)
+        if len(words) >= 6 and words[1] == "FLOCK" and words[4] == str(pid) and words[5] == want:
+            return True
+    return False
+
+
 def judge_status(
     data: object,
     *,
     root: str,
     max_age: float,
     peer_pid: int | None = None,
+    peer_uid: int | None = None,
     boot_id: str | None = None,
+    state_file: str | None = None,
 ) -> str | None:
     """Why a status (a control-socket reply or state.json) cannot be believed; None if it can.
 
     DESIGN.md "The agent": a status about another root or boot, from a pid that
-    is not a running daemon (for a reply: not the process that sent it), with a
+    is not a running daemon (for a reply: not the process that sent it, or a
+    process of another user than root or the caller; for a state file: not the
+    daemon that holds the file's lock), with a
     `generated_at` in the future, older than `max_age` or not a time, or with any
     value of the wrong type is stale, never a verdict.
     """
@@ -109,6 +131,11 @@ def judge_status(
         return f"it names daemon pid {pid} but came from pid {peer_pid}"
     if not _is_daemon(pid):
         return f"pid {pid} is not a running tdx-preflight daemon"
+    if peer_uid is not None and peer_uid not in (0, os.geteuid()):
+        return f"it came from uid {peer_uid}, neither root nor this user"
+    if state_file is not None and not holds_lock(pid, f"{state_file}.lock"):
+        # Only the daemon that owns this state file holds its lock: a copy is not its.
+        return f"daemon pid {pid} does not hold {state_file}.lock"
     if data.get("root") != root:
         return f"it is about root {str(data.get('root'))[:200]}, not {root}"
     if boot_id is not None and data.get("boot_id") != boot_id:
@@ -181,7 +208,9 @@ def read_state(
         return None, f"{path}: unknown schema"
     if data.get("pid") != data.get("daemon_pid"):
         return None, f"{path}: pid and daemon_pid disagree"
-    why = judge_status(data, root=root, max_age=max_age, boot_id=current_boot_id or None)
+    why = judge_status(
+        data, root=root, max_age=max_age, boot_id=current_boot_id or None, state_file=path
+    )
     if why is not None:
         return None, f"{path}: {why}"
     return data, "fresh"

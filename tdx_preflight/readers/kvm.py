@@ -42,6 +42,9 @@ class Enumeration(NamedTuple):
     #: Why enumeration failed or is incomplete; None when it worked.
     problem: Problem | None = None
     notes: tuple[str, ...] = ()
+    #: When incomplete: the processes whose descriptors could not be read (a VM
+    #: missing from the list can only be theirs); None when the gap has no bounds.
+    unseen: frozenset[int] | None = frozenset()
 
     @property
     def complete(self) -> bool:
@@ -131,9 +134,9 @@ def kvm_fds(host: Host, pid: int) -> KvmFds | Problem:
     """The kvm-vm and kvm-vcpu descriptors of process `pid` (links in proc/PID/fd).
 
     Problem kind "absent" only when the process has gone (proc/PID no longer
-    exists); any other kind means the descriptors could not be listed
+    exists); any other kind means the descriptors could not be listed or read
     (permission, I/O, an fd entry that is not a directory while the process
-    lives).
+    lives, a descriptor that is not a symlink, a kvm link that does not parse).
     """
     rel = f"proc/{pid}/fd"
     fds = host.listdir(rel)
@@ -147,17 +150,25 @@ def kvm_fds(host: Host, pid: int) -> KvmFds | Problem:
     vcpus: dict[int, list[int]] = {}
     for fd in fds:
         link = host.readlink(f"{rel}/{fd}")
-        if not isinstance(link, str) or not link.startswith("anon_inode:kvm-"):
+        if isinstance(link, Problem):
+            if link.kind == "absent":
+                continue  # closed since the listing
+            # Not a symlink, or unreadable: this descriptor could hold a VM.
+            return Problem(link.kind, link.path, f"descriptor {fd!r}: {link.detail}")
+        if not link.startswith("anon_inode:kvm-"):
             continue
         n = parse_uint(fd, 10)
-        if n is None:
-            continue
+        index = parse_uint(link[len(KVM_VCPU_LINK) :], 10) if link != KVM_VM_LINK else 0
+        if (
+            n is None
+            or index is None
+            or not (link == KVM_VM_LINK or link.startswith(KVM_VCPU_LINK))
+        ):
+            return Problem("malformed", host.display(f"{rel}/{fd}"), f"unexpected {link!r}")
         if link == KVM_VM_LINK:
             vm.add(n)
-        elif link.startswith(KVM_VCPU_LINK):
-            index = parse_uint(link[len(KVM_VCPU_LINK) :], 10)
-            if index is not None:
-                vcpus.setdefault(index, []).append(n)
+        else:
+            vcpus.setdefault(index, []).append(n)
     return KvmFds(frozenset(vm), vcpus)
 
 
@@ -197,10 +208,10 @@ def _from_debugfs(
 def _from_proc(host: Host, partial: bool = False) -> Enumeration:
     if partial:
         why = "a foreign PID namespace: /proc shows only part of the host"
-        return Enumeration(None, (), Problem("partial", host.display("proc"), why))
+        return Enumeration(None, (), Problem("partial", host.display("proc"), why), unseen=None)
     entries = host.listdir("proc")
     if isinstance(entries, Problem):
-        return Enumeration(None, (), entries)
+        return Enumeration(None, (), entries, unseen=None)
     vms: list[VmHandle] = []
     failed: list[tuple[int, Problem]] = []
     for entry in entries:
@@ -231,7 +242,12 @@ def _from_proc(host: Host, partial: bool = False) -> Enumeration:
             f"cannot list the file descriptors of {len(failed)} processes "
             f"(e.g. {pid}: {first.detail}){need}",
         )
-    return Enumeration("proc", tuple(sorted(vms, key=lambda v: (v.pid or 0, v.vm_fd))), problem)
+    return Enumeration(
+        "proc",
+        tuple(sorted(vms, key=lambda v: (v.pid or 0, v.vm_fd))),
+        problem,
+        unseen=frozenset(pid for pid, _ in failed),
+    )
 
 
 def _union(debugfs: list[VmHandle], proc: tuple[VmHandle, ...]) -> tuple[list[VmHandle], list[str]]:
@@ -287,11 +303,13 @@ def enumerate_vms(host: Host, proc_partial: bool = False) -> Enumeration:
     proc = _from_proc(host, proc_partial)
     if isinstance(names, Problem):
         note = f"debugfs not used: {names}"
-        return Enumeration(proc.method, proc.vms, proc.problem, (*proc.notes, note))
+        return proc._replace(notes=(*proc.notes, note))
     debugfs, bad, notes = _from_debugfs(host, names, map_tids=not proc_partial)
     # debugfs lists every VM of the host even when /proc shows only part of it.
     problem = None if proc_partial else proc.problem
+    unseen = frozenset() if proc_partial else proc.unseen
     if bad:
+        unseen = None  # a VM directory that names no process: the gap could be anyone's
         problem = Problem(
             "malformed",
             host.display(DEBUGFS_KVM),
@@ -300,9 +318,9 @@ def enumerate_vms(host: Host, proc_partial: bool = False) -> Enumeration:
     if proc.method is None:
         assert proc.problem is not None
         notes.append(f"/proc scan not used: {proc.problem}")
-        return Enumeration("debugfs", tuple(debugfs), problem, tuple(notes))
+        return Enumeration("debugfs", tuple(debugfs), problem, tuple(notes), unseen)
     vms, more = _union(debugfs, proc.vms)
-    return Enumeration("debugfs+proc", tuple(vms), problem, (*notes, *more))
+    return Enumeration("debugfs+proc", tuple(vms), problem, (*notes, *more), unseen)
 
 
 def read_process(host: Host, pid: int, layout: str = "v2") -> Process:
