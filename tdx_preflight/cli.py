@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from . import __version__
 from .checks import PHASES, REGISTRY
-from .clioptions import StrictGroup
+from .cliadmin import ADMIN_COMMANDS
+from .clioptions import StrictGroup, common
 from .report import EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_USAGE
-
-_common_root = click.option(
-    "--root",
-    type=click.Path(),
-    default=None,
-    help="Host root to read: a directory or a snapshot .tar.gz (default /, or the config's root).",
-)
-_common_config = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="YAML configuration file (default /etc/tdx-preflight/config.yaml if present).",
-)
-
 
 _metrics_option = click.option(
     "--metrics-file",
@@ -35,11 +20,6 @@ _metrics_option = click.option(
     default=None,
     help="Also write node_exporter textfile metrics here (e.g. .../tdx_preflight.prom).",
 )
-
-
-def common(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--root and --config, the same on every command."""
-    return _common_root(_common_config(func))
 
 
 def _setup(root: str | None, config_path: str | None) -> tuple[Any, Any]:
@@ -537,41 +517,6 @@ def exec_(
         sys.exit(EXIT_USAGE)
 
 
-@cli.command("install-integrations")
-@click.option(
-    "--prefix",
-    default="/",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Install under this directory instead of /.",
-)
-@click.option("--dry-run", is_flag=True, help="Print what would be copied; write nothing.")
-def install_integrations_cmd(prefix: str, dry_run: bool) -> None:
-    """Copy the unit, the kexec/kdump drop-ins, the kexec wrapper and the alert rule into place."""
-    from .integrations import install_integrations
-
-    try:
-        pairs = install_integrations(prefix, dry_run=dry_run)
-    except (OSError, RuntimeError) as exc:
-        click.echo(f"tdx-preflight: install-integrations: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    for src, dst in pairs:
-        click.echo(f"{'would copy' if dry_run else 'copied'} {src} -> {dst}")
-    # Every unit and drop-in calls /usr/local/bin/tdx-preflight: point it at this install.
-    import os
-    from pathlib import Path
-
-    script = Path(sys.executable).parent / "tdx-preflight"
-    link = Path(prefix) / "usr/local/bin/tdx-preflight"
-    if os.path.lexists(link):
-        click.echo(f"kept {link} (already there)")
-    elif script.exists():
-        if not dry_run:
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(script)
-        click.echo(f"{'would link' if dry_run else 'linked'} {link} -> {script}")
-
-
 @cli.command()
 @common
 @click.argument("output", type=click.Path(dir_okay=False))
@@ -611,6 +556,10 @@ def snapshot(root: str | None, config_path: str | None, output: str, keep_cmdlin
             "SNAPSHOT.json lists the reads a tree cannot reproduce (as root there are fewer)",
             err=True,
         )
+
+
+for _command in ADMIN_COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ The drop-ins are verified by the real `systemd-analyze verify` beside stand-ins 
 they extend (Debian's kexec-load.service is made by the real systemd-sysv-generator); their
 shell guards, the wrapper and kured's reboot command run for real under /bin/sh with recording
 fakes of tdx-preflight, kexec and systemctl; the alert rules are parsed, and checked and
-unit-tested by promtool where it is installed; the installer writes into a temporary prefix.
+unit-tested by promtool where it is installed; the installer is tested in test_install.py.
 The agent's own unit is verified in test_systemd.py.
 """
 
@@ -14,10 +14,8 @@ import os
 import re
 import shlex
 import shutil
-import stat
 import subprocess
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +24,7 @@ import pytest
 import yaml
 from conftest import console_script
 
-from tdx_preflight.integrations import (
-    SHIPPED,
-    IntegrationFilesMissing,
-    install_integrations,
-)
+from tdx_preflight.integrations import SHIPPED
 
 REPO = Path(__file__).resolve().parent.parent
 WRAPPER = REPO / "config" / "kexec-wrapper.sh"
@@ -751,97 +745,7 @@ def test_every_alert_is_unit_tested() -> None:
     }
 
 
-# --- install_integrations -------------------------------------------------------------------
-
-
-@pytest.fixture
-def strict_umask() -> Iterator[None]:
-    old = os.umask(0o077)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.lstat().st_mode)
-
-
-def test_install_puts_every_file_in_place(tmp_path: Path, strict_umask: None) -> None:
-    prefix = tmp_path / "root"
-    pairs = install_integrations(str(prefix))
-    assert pairs == [(str(REPO / s.source), str(prefix / s.destination)) for s in SHIPPED]
-    expected = {
-        "etc/systemd/system/tdx-preflight.service": 0o644,
-        "etc/systemd/system/kexec-load.service.d/tdx-preflight.conf": 0o644,
-        "etc/systemd/system/kdump.service.d/tdx-preflight.conf": 0o644,
-        "etc/systemd/system/kdump-tools.service.d/tdx-preflight.conf": 0o644,
-        "usr/local/sbin/kexec-gated": 0o755,
-        "etc/prometheus/rules/tdx-preflight-rules.yaml": 0o644,
-        "etc/tdx-preflight/config.yaml": 0o644,
-    }
-    installed = {str(p.relative_to(prefix)): _mode(p) for p in prefix.rglob("*") if not p.is_dir()}
-    assert installed == expected
-    for source, destination in pairs:
-        assert Path(destination).read_bytes() == Path(source).read_bytes()
-    for directory in (p for p in prefix.rglob("*") if p.is_dir()):
-        assert _mode(directory) == 0o755, directory
-    # The installed wrapper runs as the file it is.
-    assert os.access(prefix / "usr/local/sbin/kexec-gated", os.X_OK)
-
-
-def test_install_dry_run_writes_nothing(tmp_path: Path) -> None:
-    prefix = tmp_path / "root"
-    planned = install_integrations(str(prefix), dry_run=True)
-    assert not prefix.exists()
-    prefix.mkdir()
-    assert install_integrations(str(prefix), dry_run=True) == planned
-    assert list(prefix.iterdir()) == []
-    assert install_integrations(str(prefix)) == planned
-
-
-def test_install_keeps_the_operators_config(tmp_path: Path) -> None:
-    prefix = tmp_path / "root"
-    config = prefix / "etc/tdx-preflight/config.yaml"
-    config.parent.mkdir(parents=True)
-    config.write_text("block_on_warn: [postkexec.tdx]\n")
-    config.chmod(0o600)
-    for dry_run in (True, False):
-        pairs = install_integrations(str(prefix), dry_run=dry_run)
-        assert str(config) not in {d for _, d in pairs}
-        assert len(pairs) == len(SHIPPED) - 1
-    assert config.read_text() == "block_on_warn: [postkexec.tdx]\n"
-    assert _mode(config) == 0o600
-    assert [p.name for p in config.parent.iterdir()] == ["config.yaml"]  # no temporary left
-
-    # A dangling symlink is the operator's too.
-    config.unlink()
-    config.symlink_to(tmp_path / "elsewhere.yaml")
-    install_integrations(str(prefix))
-    assert config.is_symlink() and not (tmp_path / "elsewhere.yaml").exists()
-
-
-def test_install_replaces_its_own_files(tmp_path: Path) -> None:
-    prefix = tmp_path / "root"
-    install_integrations(str(prefix))
-    wrapper = prefix / "usr/local/sbin/kexec-gated"
-    wrapper.write_text("stale\n")
-    wrapper.chmod(0o600)
-    install_integrations(str(prefix))
-    assert wrapper.read_bytes() == WRAPPER.read_bytes() and _mode(wrapper) == 0o755
-
-
-def test_install_without_the_shipped_files_says_so(tmp_path: Path) -> None:
-    partial = tmp_path / "tree"
-    (partial / "systemd").mkdir(parents=True)
-    shutil.copy(REPO / "systemd/tdx-preflight.service", partial / "systemd")
-    prefix = tmp_path / "root"
-    with pytest.raises(IntegrationFilesMissing) as raised:
-        install_integrations(str(prefix), source_root=partial)
-    assert isinstance(raised.value, FileNotFoundError)
-    assert "config/kexec-wrapper.sh" in str(raised.value) and str(partial) in str(raised.value)
-    assert "systemd/tdx-preflight.service" not in raised.value.missing
-    assert not prefix.exists()
+# --- what ships ----------------------------------------------------------------------------
 
 
 def test_every_shipped_drop_in_is_installed() -> None:

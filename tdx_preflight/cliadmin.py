@@ -1,0 +1,89 @@
+"""Commands that set up and steer an installation: install-integrations, uninstall-integrations.
+
+Registered on the CLI group by cli.py; each is a StrictCommand like every other command.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .clioptions import StrictCommand
+from .integrations import Step
+from .report import EXIT_USAGE
+
+_prefix = click.option(
+    "--prefix",
+    default="/",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Work under this directory instead of /.",
+)
+_dry_run = click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
+
+_VERBS = {
+    "copy": ("would copy", "copied"),
+    "link": ("would link", "linked"),
+    "remove": ("would remove", "removed"),
+    "rmdir": ("would remove directory", "removed directory"),
+    "keep": ("would keep", "kept"),
+}
+
+
+def _echo_steps(steps: list[Step], dry_run: bool) -> None:
+    for step in steps:
+        verb = _VERBS[step.action][0 if dry_run else 1]
+        what = {
+            "copy": f"{step.source} -> {step.destination}",
+            "link": f"{step.destination} -> {step.source}",
+        }.get(step.action, step.destination)
+        click.echo(f"{verb} {what}" + (f" ({step.why})" if step.why else ""))
+
+
+@click.command("install-integrations", cls=StrictCommand)
+@_prefix
+@_dry_run
+def install_integrations_cmd(prefix: str, dry_run: bool) -> None:
+    """Install the unit, the kexec/kdump drop-ins, the kexec wrapper and the alert rule.
+
+    From this installed copy of tdx-preflight; links /usr/local/bin/tdx-preflight to it when
+    nothing is there. What it writes is recorded (PREFIX/var/lib/tdx-preflight/
+    integrations.json) for uninstall-integrations. Exit 2 when it cannot.
+    """
+    from .integrations import MANIFEST, install_integrations
+
+    script = Path(sys.executable).parent / "tdx-preflight"
+    try:
+        steps = install_integrations(
+            prefix, dry_run=dry_run, script=script if script.exists() else None
+        )
+    except (OSError, ValueError) as exc:
+        click.echo(f"tdx-preflight: install-integrations: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    _echo_steps(steps, dry_run)
+    if not dry_run:
+        click.echo(f"recorded in {Path(prefix) / MANIFEST}")
+
+
+@click.command("uninstall-integrations", cls=StrictCommand)
+@_prefix
+@_dry_run
+def uninstall_integrations_cmd(prefix: str, dry_run: bool) -> None:
+    """Remove what install-integrations wrote, as its manifest records it; nothing else.
+
+    Files changed since the install (an edited config.yaml) are kept and named. Exit 2 when
+    there is no manifest under PREFIX or a removal fails.
+    """
+    from .integrations import uninstall_integrations
+
+    try:
+        steps = uninstall_integrations(prefix, dry_run=dry_run)
+    except (OSError, ValueError) as exc:
+        click.echo(f"tdx-preflight: uninstall-integrations: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    _echo_steps(steps, dry_run)
+
+
+ADMIN_COMMANDS: tuple[click.Command, ...] = (install_integrations_cmd, uninstall_integrations_cmd)
