@@ -22,14 +22,25 @@ _metrics_option = click.option(
 )
 
 
-def _setup(root: str | None, config_path: str | None) -> tuple[Any, Any]:
+def _setup(root: str | None, config_path: str | None, *, daemon: bool = False) -> tuple[Any, Any]:
     from .host import Host
     from .policy import ConfigError, load
 
     try:
         policy = load(config_path)
     except ConfigError as exc:
-        click.echo(f"tdx-preflight: invalid configuration: {exc}", err=True)
+        if daemon:
+            # A journald CRIT line with FILE:LINE; exit 2 stops the unit for good
+            # (RestartPreventExitStatus=2) instead of restarting into the same typo.
+            from .daemon.log import setup_logging
+
+            setup_logging().critical(
+                "invalid configuration, not starting: %s (exit 2: fix it, then "
+                "`systemctl restart tdx-preflight`)",
+                exc,
+            )
+        else:
+            click.echo(f"tdx-preflight: invalid configuration: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     host_root = root or policy.root or "/"
     import os
@@ -201,7 +212,7 @@ def daemon(root: str | None, config_path: str | None) -> None:
     """Run the agent in the foreground (systemd Type=notify): track VMs and TDs, serve reports."""
     from .daemon.service import run_daemon
 
-    host, policy = _setup(root, config_path)
+    host, policy = _setup(root, config_path, daemon=True)
     host.close()
     if host.root != "/":
         # Uevents describe the live kernel; applied to another tree they would lie.

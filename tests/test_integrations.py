@@ -282,7 +282,8 @@ def test_drop_in_runs_the_hook(name: str, phase: str) -> None:
         assert os.access("/bin/sh", os.X_OK)
         syntax = _run(["/bin/sh", "-n", "-c", argv[2]])
         assert syntax.returncode == 0, syntax.stderr
-        assert argv[2].endswith(f"; exec {INSTALLED_AT} hook {phase}")
+        assert f"; {INSTALLED_AT} hook {phase}; rc=$?; " in argv[2]
+        assert argv[2].endswith('; exit "$rc"')
     else:
         assert argv == [INSTALLED_AT, "hook", phase]
 
@@ -296,15 +297,16 @@ def _guard(name: str, fakes: Fakes) -> list[str]:
     ("env", "hook_runs"),
     [({"USE_KDUMP": "1"}, True), ({"USE_KDUMP": "0"}, False), ({}, False)],
 )
-@pytest.mark.parametrize("hook_rc", [0, 1, 3])
+@pytest.mark.parametrize("hook_rc", [0, 1, 2, 3])
 def test_kdump_tools_guard(
-    fakes: Fakes, env: dict[str, str], hook_runs: bool, hook_rc: int
+    fakes: Fakes, tmp_path: Path, env: dict[str, str], hook_runs: bool, hook_rc: int
 ) -> None:
     if Path("/etc/default/kdump-tools").exists():
         pytest.skip("/etc/default/kdump-tools exists here and would decide instead of the test")
     if Path("/proc/vmcore").exists() and Path("/proc/vmcore").stat().st_size:
         pytest.skip("this is a crash kernel")
-    clean = fakes.env(FAKE_RC=str(hook_rc))
+    kmsg = tmp_path / "kmsg"
+    clean = fakes.env(FAKE_RC=str(hook_rc), TDX_PREFLIGHT_KMSG=str(kmsg))
     clean.pop("USE_KDUMP", None)
     run = _run(_guard("kdump-tools.service", fakes), env={**clean, **env})
     calls = fakes.calls()
@@ -313,24 +315,47 @@ def test_kdump_tools_guard(
         assert run.returncode == hook_rc
     else:
         assert calls == [] and run.returncode == 0
+    _assert_config_error_logged(kmsg, hook_runs and hook_rc == 2, "kdump is off this boot")
+
+
+def _assert_config_error_logged(kmsg: Path, logged: bool, consequence: str) -> None:
+    """A configuration error (exit 2) leaves one err-priority line in the kernel log."""
+    if not logged:
+        assert not kmsg.exists()
+        return
+    [line] = kmsg.read_text().splitlines()
+    assert line.startswith("<3>tdx-preflight: invalid configuration (exit 2): ")
+    assert consequence in line
+
+
+def test_drop_in_kmsg_path_defaults_to_dev_kmsg() -> None:
+    for name in ("kexec-load.service", "kdump-tools.service"):
+        text = (REPO / "systemd" / f"{name}.d" / "tdx-preflight.conf").read_text()
+        assert '>"$${TDX_PREFLIGHT_KMSG:-/dev/kmsg}"' in text
+        assert "TDX_PREFLIGHT_KMSG (default /dev/kmsg) is only" in text
 
 
 @pytest.mark.parametrize(
     ("load_kexec", "hook_runs"), [("true", True), ("false", False), (None, False)]
 )
-def test_kexec_load_guard(fakes: Fakes, load_kexec: str | None, hook_runs: bool) -> None:
+@pytest.mark.parametrize("hook_rc", [1, 2])
+def test_kexec_load_guard(
+    fakes: Fakes, tmp_path: Path, load_kexec: str | None, hook_runs: bool, hook_rc: int
+) -> None:
     if Path("/etc/default/kexec").exists() or Path("/etc/default/kexec.d").exists():
         pytest.skip("/etc/default/kexec exists here and would decide instead of the test")
-    env = fakes.env(FAKE_RC="1")
+    kmsg = tmp_path / "kmsg"
+    env = fakes.env(FAKE_RC=str(hook_rc), TDX_PREFLIGHT_KMSG=str(kmsg))
     env.pop("LOAD_KEXEC", None)
     if load_kexec is not None:
         env["LOAD_KEXEC"] = load_kexec
     run = _run(_guard("kexec-load.service", fakes), env=env)
     if hook_runs:
         assert [c.argv for c in fakes.calls()] == [["hook", "load"]]
-        assert run.returncode == 1
+        assert run.returncode == hook_rc
     else:
         assert fakes.calls() == [] and run.returncode == 0
+    _assert_config_error_logged(kmsg, hook_runs and hook_rc == 2, "reboots are cold")
 
 
 # --- the kexec wrapper ----------------------------------------------------------------------

@@ -120,11 +120,30 @@ def test_unit_keeps_what_the_daemon_needs() -> None:
         "DeviceAllow=/dev/kmsg r",
         "RuntimeDirectory=tdx-preflight",
         "ProtectHome=read-only",  # =yes hides a venv under /root or /home (203/EXEC)
+        "RestartPreventExitStatus=2",  # a configuration error stops; restarts cannot fix it
     ):
         assert needed in settings, needed
 
 
 # --- sd_notify ------------------------------------------------------------------------------
+
+
+def test_a_configuration_error_stops_the_daemon_loudly(tmp_path: Path) -> None:
+    # Exit 2 (which the unit does not restart) with a journald CRIT line naming FILE:LINE.
+    config = tmp_path / "config.yaml"
+    config.write_text("reconcile_interval: 60\nreconcile_intervall: 30\n")
+    run = subprocess.run(
+        [console_script(), "daemon", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stdout == ""
+    [line] = run.stderr.splitlines()
+    assert line.startswith(f"<2>invalid configuration, not starting: {config}:2: "), line
+    assert "systemctl restart tdx-preflight" in line
 
 
 def _bound(address: str | bytes) -> socket.socket:
