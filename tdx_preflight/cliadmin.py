@@ -1,4 +1,5 @@
-"""Commands that set up and steer an installation: install-integrations, uninstall-integrations.
+"""Commands that set up and steer an installation: install-integrations, uninstall-integrations,
+and keep-crash-kernel (the kdump-tools drop-in's stop guard).
 
 Registered on the CLI group by cli.py; each is a StrictCommand like every other command.
 """
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .clioptions import StrictCommand
+from .clioptions import StrictCommand, common
 from .integrations import Step
 from .report import EXIT_USAGE
 
@@ -86,4 +87,27 @@ def uninstall_integrations_cmd(prefix: str, dry_run: bool) -> None:
     _echo_steps(steps, dry_run)
 
 
-ADMIN_COMMANDS: tuple[click.Command, ...] = (install_integrations_cmd, uninstall_integrations_cmd)
+@click.command("keep-crash-kernel", cls=StrictCommand)
+@common
+def keep_crash_kernel(root: str | None, config_path: str | None) -> None:
+    """Exit 0 when a restart of the kdump unit should keep the crash kernel armed now.
+
+    That is: one is loaded, the crash phase blocks a new load, and the kernel itself would
+    accept one (neither errata.tdx_pw_mce nor kernel.kexec fails). Exit 1 otherwise: the
+    unit's stop unloads as usual. One line on stderr says why. Exit 2 on a usage or
+    configuration error.
+    """
+    from .cli import _run_checks
+    from .gate import keep_armed_crash_kernel
+
+    [report] = _run_checks(root, config_path, ("crash",))
+    keep, why = keep_armed_crash_kernel(report)
+    click.echo(f"tdx-preflight: {why}", err=True)
+    sys.exit(0 if keep else 1)
+
+
+ADMIN_COMMANDS: tuple[click.Command, ...] = (
+    install_integrations_cmd,
+    uninstall_integrations_cmd,
+    keep_crash_kernel,
+)
