@@ -16,9 +16,10 @@ from .report import EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_USAGE
 
 _metrics_option = click.option(
     "--metrics-file",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     default=None,
-    help="Also write node_exporter textfile metrics here (e.g. .../tdx_preflight.prom).",
+    help="Also write node_exporter textfile metrics here: a file, or a directory to write "
+    "tdx_preflight_cli.prom in (e.g. /var/lib/prometheus/node-exporter).",
 )
 
 
@@ -105,7 +106,7 @@ def check(
     guests.teardown; otherwise the check runs alone and says so.
     """
     [report] = _run_checks(root, config_path, (phase,))
-    _metrics(metrics_file, [report])
+    _metrics(metrics_file, [report], config_path)
     _show(report, fmt, verbose)
     sys.exit(report.exit_code)
 
@@ -144,13 +145,32 @@ def _show(report: Any, fmt: str | None, verbose: bool = False) -> None:
         click.echo(report_text(report, verbose=verbose, colour=use_colour()), color=use_colour())
 
 
-def _metrics(path: str | None, reports: list[Any]) -> None:
-    """Write the metrics file when asked; a failure is a warning, never an exit code."""
+def _metrics(path: str | None, reports: list[Any], config_path: str | None) -> None:
+    """Write the metrics file when asked; a failure is a warning, never an exit code.
+
+    A directory gets CLI_FILE in it. The daemon's file (its metrics_file, or any file named
+    DAEMON_FILE) is never rewritten: its series would lose the phases a CLI run did not check.
+    """
     if not path:
         return
-    from .metrics import write_metrics
+    import os
 
-    err = write_metrics(path, reports)
+    from .metrics import CLI_FILE, DAEMON_FILE, write_metrics
+    from .policy import load
+
+    if os.path.isdir(path):
+        path = os.path.join(path, CLI_FILE)
+    daemons = load(config_path).metrics_file
+    if os.path.basename(path) == DAEMON_FILE or (
+        daemons and os.path.realpath(path) == os.path.realpath(daemons)
+    ):
+        click.echo(
+            f"tdx-preflight: warning: {path} is the daemon's metrics file; not rewriting it "
+            f"(write {CLI_FILE} beside it)",
+            err=True,
+        )
+        return
+    err = write_metrics(path, reports, "cli")
     if err:
         click.echo(f"tdx-preflight: warning: {err}", err=True)
 
@@ -396,7 +416,7 @@ def _gate_check(
     if kexec is not None and kexec.unreadable:
         report.notes.append(f"kexec's arguments read as every phase: {kexec.unreadable}")
     code = _gate(report, ov)
-    _metrics(metrics_file, reports)
+    _metrics(metrics_file, reports, config_path)
     return report, code
 
 

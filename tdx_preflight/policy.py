@@ -64,6 +64,8 @@ class Policy(NamedTuple):
     inhibit_bus: str | None = None
     #: node_exporter textfile the daemon rewrites after every refresh; None: off.
     metrics_file: str | None = None
+    #: ...and at least this often (seconds), so an idle healthy host never looks stale.
+    metrics_interval: float = 60.0
     source: str | None = None
 
     def is_blocking(self, check_id: str, default: frozenset[str], phase: str) -> bool:
@@ -317,4 +319,5 @@ _SETTINGS = {
     "inhibit_shutdown": _bool,
     "inhibit_bus": _optional_str,
     "metrics_file": _path,
+    "metrics_interval": _number(1, 3600),
 }

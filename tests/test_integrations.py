@@ -586,16 +586,21 @@ def test_rules_structure() -> None:
     blocked = by_name["TDXKexecBlocked"]
     # Exec refused, except where that is expected: TD guests alive, or no kexec this boot.
     assert blocked["expr"] == (
-        'tdx_preflight_kexec_allowed{phase="exec"} == 0'
-        " unless on(instance, job) tdx_preflight_td_guests > 0"
-        ' unless on(instance, job) tdx_preflight_kexec_allowed{phase="load"} == 0'
+        'tdx_preflight_kexec_allowed{source="daemon",phase="exec"} == 0'
+        ' unless on(instance, job) tdx_preflight_td_guests{source="daemon"} > 0'
+        ' unless on(instance, job) tdx_preflight_kexec_allowed{source="daemon",phase="load"} == 0'
     )
     assert (blocked["for"], blocked["labels"]["severity"]) == ("10m", "warning")
     unavailable = by_name["TDXKexecUnavailable"]
-    assert unavailable["expr"] == 'tdx_preflight_kexec_allowed{phase="load"} == 0'
+    assert unavailable["expr"] == 'tdx_preflight_kexec_allowed{source="daemon",phase="load"} == 0'
     stale = by_name["TDXPreflightStale"]
-    assert stale["expr"] == "time() - tdx_preflight_last_check_timestamp_seconds > 900"
-    assert by_name["TDXGuestsRunning"]["expr"] == "tdx_preflight_td_guests > 0"
+    assert stale["expr"] == (
+        'time() - tdx_preflight_last_check_timestamp_seconds{source="daemon"} > 900'
+    )
+    assert by_name["TDXGuestsRunning"]["expr"] == 'tdx_preflight_td_guests{source="daemon"} > 0'
+    # Only the daemon's series: a CLI's file is as old as its last run.
+    for rule in rules:
+        assert 'source="daemon"' in rule["expr"], rule["alert"]
     assert by_name["TDXGuestsRunning"]["labels"]["severity"] == "info"
 
 
@@ -642,14 +647,20 @@ def test_promtool_checks_the_rules(promtool: str) -> None:
 
 
 def _series(host: str, metric: str, values: str, **labels: str) -> dict[str, str]:
-    all_labels = {"instance": host, "job": "node", **labels}
+    all_labels = {"instance": host, "job": "node", "source": "daemon", **labels}
     inner = ",".join(f'{k}="{v}"' for k, v in sorted(all_labels.items()))
     return {"series": f"{metric}{{{inner}}}", "values": values}
 
 
 def _alert(host: str, severity: str, summary: str, description: str, **labels: str) -> Any:
     return {
-        "exp_labels": {"instance": host, "job": "node", "severity": severity, **labels},
+        "exp_labels": {
+            "instance": host,
+            "job": "node",
+            "source": "daemon",
+            "severity": severity,
+            **labels,
+        },
         "exp_annotations": {"summary": summary, "description": description},
     }
 
@@ -662,8 +673,19 @@ PROMTOOL_SERIES = [
     _series("tdx1", "tdx_preflight_kexec_allowed", "1 0x20", phase="exec"),
     _series("tdx1", "tdx_preflight_kexec_allowed", "1x20", phase="load"),
     _series("tdx1", "tdx_preflight_td_guests", "0x20"),
-    _series("tdx1", "tdx_preflight_check_status", "0 1x20", check="guests.teardown", status="fail"),
-    _series("tdx1", "tdx_preflight_check_status", "1x20", check="platform.cpu", status="pass"),
+    _series(
+        "tdx1", "tdx_preflight_check_status", "0 1x20",
+        phase="exec", check="guests.teardown", status="fail",
+    ),
+    _series(
+        "tdx1", "tdx_preflight_check_status", "1x20",
+        phase="exec", check="platform.cpu", status="pass",
+    ),
+    # The load phase does not check teardown: its statuses must not be listed for exec.
+    _series(
+        "tdx1", "tdx_preflight_check_status", "1x20",
+        phase="load", check="kernel.cache_flush", status="unknown",
+    ),
     _series(
         "tdx1", "tdx_preflight_info", "1x20",
         kernel="6.18.2-1-amd64", cpu_model="Xeon 6", tdx_module_version="1.5.08",
@@ -672,7 +694,14 @@ PROMTOOL_SERIES = [
     _series("tdx2", "tdx_preflight_kexec_allowed", "0x20", phase="exec"),
     _series("tdx2", "tdx_preflight_kexec_allowed", "0x20", phase="load"),
     _series("tdx2", "tdx_preflight_td_guests", "0x20"),
-    _series("tdx2", "tdx_preflight_check_status", "1x20", check="errata.tdx_pw_mce", status="fail"),
+    _series(
+        "tdx2", "tdx_preflight_check_status", "1x20",
+        phase="load", check="errata.tdx_pw_mce", status="fail",
+    ),
+    _series(
+        "tdx2", "tdx_preflight_check_status", "1x20",
+        phase="exec", check="guests.td", status="unknown",
+    ),
     _series(
         "tdx2", "tdx_preflight_info", "1x20",
         kernel="6.18.2-1-amd64", cpu_model="Xeon Platinum 8480+", tdx_module_version="1.5.06",
@@ -681,8 +710,20 @@ PROMTOOL_SERIES = [
     _series("tdx3", "tdx_preflight_kexec_allowed", "0x20", phase="exec"),
     _series("tdx3", "tdx_preflight_kexec_allowed", "1x20", phase="load"),
     _series("tdx3", "tdx_preflight_td_guests", "2x20"),
-    _series("tdx3", "tdx_preflight_check_status", "1x20", check="guests.td", status="fail"),
+    _series(
+        "tdx3", "tdx_preflight_check_status", "1x20", phase="exec", check="guests.td", status="fail"
+    ),
     _series("tdx3", "tdx_preflight_last_check_timestamp_seconds", "0+60x20"),
+    # tdx4: a healthy idle host whose daemon rewrites its file every minute, beside a CLI file
+    # from one `check --phase crash` at t=0 that blocked: neither is an alert.
+    _series("tdx4", "tdx_preflight_kexec_allowed", "1x20", phase="exec"),
+    _series("tdx4", "tdx_preflight_kexec_allowed", "1x20", phase="load"),
+    _series("tdx4", "tdx_preflight_td_guests", "0x20"),
+    _series("tdx4", "tdx_preflight_last_check_timestamp_seconds", "0+60x20"),
+    _series("tdx4", "tdx_preflight_kexec_allowed", "0x20", source="cli", phase="crash"),
+    _series("tdx4", "tdx_preflight_kexec_allowed", "0x20", source="cli", phase="exec"),
+    _series("tdx4", "tdx_preflight_td_guests", "1x20", source="cli"),
+    _series("tdx4", "tdx_preflight_last_check_timestamp_seconds", "0x20", source="cli"),
 ]  # fmt: skip
 
 PROMTOOL_EXPECTED = [
@@ -734,9 +775,9 @@ PROMTOOL_EXPECTED = [
         [
             _alert(
                 "tdx1", "warning", "tdx-preflight metrics on tdx1 are stale",
-                "The last check on tdx1 is 16m 0s old. The tdx-preflight daemon is down or stuck "
-                "(`systemctl status tdx-preflight`), so the kexec alerts for this host describe "
-                "the past.",
+                "The daemon's last metrics on tdx1 are 16m 0s old. The tdx-preflight daemon is "
+                "down or stuck (`systemctl status tdx-preflight`), so the kexec alerts for this "
+                "host describe the past.",
             )
         ],
     ),

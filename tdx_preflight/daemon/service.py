@@ -142,6 +142,7 @@ class Daemon:
             asyncio.create_task(self._refresher(), name="refresh"),
             asyncio.create_task(self._reconciler(), name="reconcile"),
             asyncio.create_task(self._state_writer(), name="state"),
+            asyncio.create_task(self._metrics_heartbeat(), name="metrics"),
         ]
         self._start_timer()
         if self.notifier.watchdog_interval:
@@ -437,11 +438,24 @@ class Daemon:
         self.report = self._current()
         self.notifier.status(status_line(self.report, self.ledger))
         await self._update_inhibitor()
-        if self.policy.metrics_file:
-            reports = [self._evaluate(p) for p in ("load", "exec", "crash")]
-            err = await asyncio.to_thread(write_metrics, self.policy.metrics_file, reports)
-            if err:
-                log.warning("metrics: %s", err)
+        await self._write_metrics()
+
+    async def _write_metrics(self) -> None:
+        """Rewrite the metrics file (every phase) from the facts and the live ledger."""
+        if not self.policy.metrics_file or self.facts is None:
+            return
+        reports = [self._evaluate(p) for p in ("load", "exec", "crash")]
+        err = await asyncio.to_thread(write_metrics, self.policy.metrics_file, reports, "daemon")
+        if err:
+            log.warning("metrics: %s", err)
+
+    async def _metrics_heartbeat(self) -> None:
+        """Rewrite the metrics at least every metrics_interval, changes or not: on an idle
+        host (reconcile_interval 0, no VM events) the timestamp would otherwise age until the
+        stale alert fired on a healthy daemon."""
+        while True:
+            await asyncio.sleep(self.policy.metrics_interval)
+            await self._write_metrics()
 
     @staticmethod
     async def _quiet(wanted: asyncio.Event, pause: float) -> None:
