@@ -22,7 +22,16 @@
 #                                                        present, see below, else /sbin/kexec)
 #     KEXEC_GATED_ACTIVE     set by this script for the real kexec: finding it set on entry
 #                            means the "real" kexec led back here (a loop), exit 2
+#     KEXEC_GATED_KMSG       the kernel log to write a refusal to       (default /dev/kmsg)
+#     KEXEC_GATED_CONSOLE    the console to write a refusal to          (default /dev/console)
+#                            (these two only for tests: hosts keep the defaults)
 #   The hook's own output goes to stderr, so kexec's stdout stays kexec's.
+#
+#   A refusal leaves its reason in three places: stderr (the hook's one line, then this
+#   script's), the kernel log as `<3>kexec-gated: ...` (priority err: `dmesg`, the journal of
+#   the next boot when it is persistent, a serial console), and the console when writable. The
+#   last two matter at the final `kexec -e` of systemd-shutdown, where stderr is not in any
+#   journal any more (journald has stopped) and the refusal otherwise left no trace.
 #
 # HOW TO ENABLE
 #   install -m 0755 config/kexec-wrapper.sh /usr/local/sbin/kexec-gated
@@ -74,14 +83,27 @@ if [ -n "${KEXEC_GATED_ACTIVE:-}" ]; then
     exit 2
 fi
 
-"$preflight" hook -- "$@" >&2
+# The hook's stdout goes to our stderr; its stderr (the reason) is kept to log it.
+{ reason=$("$preflight" hook -- "$@" 2>&1 1>&3); } 3>&2
 code=$?
 if [ "$code" -ne 0 ]; then
+    [ -n "$reason" ] && printf '%s\n' "$reason" >&2
     case $code in
         126 | 127) why="$preflight could not be run" ;;
         *) why="tdx-preflight refused this kexec" ;;
     esac
+    line="$me: $why (exit $code); $real $* not run"
+    last=$(printf '%s\n' "$reason" | tail -n 1)
+    [ -n "$last" ] && line="$line: $last"
     echo "$me: $why (exit $code); $real not run" >&2
+    # One record each: the kernel log (priority 3, err) and the console. Neither may fail
+    # the refusal itself, so their errors are dropped.
+    kmsg=${KEXEC_GATED_KMSG:-/dev/kmsg}
+    console=${KEXEC_GATED_CONSOLE:-/dev/console}
+    { printf '<3>%s\n' "$line" >"$kmsg"; } 2>/dev/null
+    if [ -w "$console" ]; then
+        { printf '%s\n' "$line" >"$console"; } 2>/dev/null
+    fi
     exit "$code"
 fi
 

@@ -72,6 +72,8 @@ class Fakes:
     def __init__(self, root: Path) -> None:
         self.bin = root / "bin"
         self.log = root / "calls"
+        self.kmsg = root / "kmsg"
+        self.console = root / "console"
         self.bin.mkdir()
         self.log.mkdir()
 
@@ -99,6 +101,9 @@ class Fakes:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEXEC_GATED_")}
         env.pop("SYSTEMCTL_SKIP_AUTO_KEXEC", None)
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        # A refusal is logged to the kernel log and the console: never the real ones here.
+        env["KEXEC_GATED_KMSG"] = str(self.kmsg)
+        env["KEXEC_GATED_CONSOLE"] = str(self.console)
         env.update(extra)
         return env
 
@@ -409,6 +414,52 @@ def test_wrapper_runs_kexec_only_on_allow(fakes: Fakes, hook_rc: int) -> None:
     assert run.stderr.strip().splitlines()[-1] == (
         f"kexec-gated: tdx-preflight refused this kexec (exit {hook_rc}); "
         f"{fakes.bin / 'kexec'} not run"
+    )
+
+
+@pytest.mark.parametrize("console_writable", [True, False])
+def test_a_refusal_reaches_the_kernel_log_and_the_console(
+    fakes: Fakes, console_writable: bool
+) -> None:
+    # The final `kexec -e` runs inside systemd-shutdown, after journald: the reason must
+    # still be somewhere a person finds it.
+    (fakes.bin / "tdx-preflight").write_text(
+        "#!/bin/sh\necho 'tdx-preflight: kexec exec blocked: guests.td fail: 1 TD guest "
+        "alive' >&2\nexit 1\n"
+    )
+    fakes.console.write_text("")
+    if not console_writable:
+        fakes.console.chmod(0o444)
+    run = _wrap(fakes, "-e")
+    assert run.returncode == 1
+    assert [c.name for c in fakes.calls()] == []
+    line = (
+        f"kexec-gated: tdx-preflight refused this kexec (exit 1); {fakes.bin / 'kexec'} -e "
+        "not run: tdx-preflight: kexec exec blocked: guests.td fail: 1 TD guest alive"
+    )
+    assert fakes.kmsg.read_text() == f"<3>{line}\n"
+    if console_writable:
+        assert fakes.console.read_text() == f"{line}\n"
+    elif os.geteuid() != 0:  # root writes through mode 0444
+        assert fakes.console.read_text() == ""
+    assert run.stderr.splitlines()[0] == (
+        "tdx-preflight: kexec exec blocked: guests.td fail: 1 TD guest alive"
+    )
+
+
+def test_a_missing_kernel_log_does_not_change_the_refusal(fakes: Fakes, tmp_path: Path) -> None:
+    run = _wrap(fakes, "-e", FAKE_RC="3", KEXEC_GATED_KMSG=str(tmp_path / "no" / "kmsg"))
+    assert run.returncode == 3
+    assert "refused this kexec (exit 3)" in run.stderr and "kmsg" not in run.stderr
+
+
+def test_the_kernel_log_and_console_default_to_the_real_devices() -> None:
+    text = WRAPPER.read_text()
+    assert "kmsg=${KEXEC_GATED_KMSG:-/dev/kmsg}" in text
+    assert "console=${KEXEC_GATED_CONSOLE:-/dev/console}" in text
+    assert (
+        "KEXEC_GATED_KMSG       the kernel log to write a refusal to       (default /dev/kmsg)"
+        in text
     )
 
 
