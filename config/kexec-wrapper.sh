@@ -18,8 +18,9 @@
 #
 #   Environment (for tests and unusual installs; the defaults are what hosts use):
 #     KEXEC_GATED_PREFLIGHT  the tdx-preflight to run   (default /usr/local/bin/tdx-preflight)
-#     KEXEC_GATED_KEXEC      the real kexec             (default /sbin/kexec.distrib when
-#                                                        present, see below, else /sbin/kexec)
+#     KEXEC_GATED_KEXEC      the real kexec             (default: the first executable of
+#                            /usr/sbin/kexec.distrib, /sbin/kexec.distrib (the diversion,
+#                            see below), /usr/sbin/kexec, /sbin/kexec)
 #     KEXEC_GATED_ACTIVE     set by this script for the real kexec: finding it set on entry
 #                            means the "real" kexec led back here (a loop), exit 2
 #     KEXEC_GATED_KMSG       the kernel log to write a refusal to       (default /dev/kmsg)
@@ -44,11 +45,15 @@
 #   kdump-config (KEXEC=/sbin/kexec, set after it sources /etc/default/kdump-tools), and systemd
 #   itself (`systemctl kexec` loads with /sbin/kexec, systemd-shutdown jumps with
 #   `/sbin/kexec -e`). Put the gate in that path with a local diversion, which survives
-#   upgrades of kexec-tools:
-#       dpkg-divert --local --rename --divert /sbin/kexec.distrib --add /sbin/kexec
-#       ln -s /usr/local/sbin/kexec-gated /sbin/kexec
+#   upgrades of kexec-tools. Divert the path the installed package ships, which dpkg knows by
+#   that name only: /sbin/kexec in Debian 12's kexec-tools, /usr/sbin/kexec in newer Debian and
+#   Ubuntu releases (on a merged-/usr host /sbin/kexec is the same file either way):
+#       kexec=$(dpkg -L kexec-tools | grep -x '.*/s\?bin/kexec')
+#       dpkg-divert --local --rename --divert "$kexec.distrib" --add "$kexec"
+#       ln -s /usr/local/sbin/kexec-gated "$kexec"
 #   and undo it with
-#       rm /sbin/kexec && dpkg-divert --local --rename --remove /sbin/kexec
+#       rm "$kexec" && dpkg-divert --local --rename --remove "$kexec"
+#   (`dpkg-divert --list '*kexec*'` shows what is in place.)
 #   Every kexec on the host is then checked at the moment it runs. A refused `kexec -e` in
 #   systemd-shutdown (systemctl kexec, or a reboot that systemd turned into a kexec because a
 #   kernel was loaded) makes systemd-shutdown fall through to a normal reboot; a refused one in
@@ -71,11 +76,15 @@ me=kexec-gated
 preflight=${KEXEC_GATED_PREFLIGHT:-/usr/local/bin/tdx-preflight}
 real=${KEXEC_GATED_KEXEC:-}
 if [ -z "$real" ]; then
-    if [ -x /sbin/kexec.distrib ]; then
-        real=/sbin/kexec.distrib
-    else
-        real=/sbin/kexec
-    fi
+    # The diverted binary first (either path kexec-tools may ship), then the undiverted one
+    # when this script is called as kexec-gated.
+    real=/sbin/kexec
+    for candidate in /usr/sbin/kexec.distrib /sbin/kexec.distrib /usr/sbin/kexec /sbin/kexec; do
+        if [ -x "$candidate" ]; then
+            real=$candidate
+            break
+        fi
+    done
 fi
 
 if [ -n "${KEXEC_GATED_ACTIVE:-}" ]; then

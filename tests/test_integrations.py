@@ -509,6 +509,37 @@ def test_wrapper_refuses_to_loop(fakes: Fakes) -> None:
     assert fakes.calls() == [] and "loop" in run.stderr
 
 
+# `dpkg -L kexec-tools` lines around the binary: Debian 12 ships /sbin/kexec, newer releases
+# /usr/sbin/kexec.
+KEXEC_TOOLS_FILES = {
+    "bookworm": ["/.", "/sbin", "/sbin/coldreboot", "/sbin/kexec", "/sbin/vmcore-dmesg",
+                 "/usr/share/man/man8/kexec.8.gz"],
+    "trixie": ["/.", "/usr/sbin", "/usr/sbin/coldreboot", "/usr/sbin/kexec",
+               "/usr/share/man/man8/kexec.8.gz", "/usr/share/doc/kexec-tools/kexec"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("release", "path"), [("bookworm", "/sbin/kexec"), ("trixie", "/usr/sbin/kexec")]
+)
+def test_the_diversion_recipe_finds_the_shipped_kexec(release: str, path: str) -> None:
+    recipe = re.findall(r"^#       (\S.*)$", WRAPPER.read_text(), flags=re.MULTILINE)
+    [find] = [line for line in recipe if line.startswith("kexec=$(dpkg -L kexec-tools | ")]
+    pattern = find.removeprefix("kexec=$(dpkg -L kexec-tools | ").removesuffix(")")
+    listing = "\n".join(KEXEC_TOOLS_FILES[release]) + "\n"
+    run = subprocess.run(
+        ["/bin/sh", "-c", pattern], input=listing, capture_output=True, text=True, timeout=30
+    )
+    assert run.stdout == f"{path}\n", run.stderr
+    assert 'dpkg-divert --local --rename --divert "$kexec.distrib" --add "$kexec"' in recipe
+    assert 'rm "$kexec" && dpkg-divert --local --rename --remove "$kexec"' in recipe
+
+
+def test_the_wrapper_looks_for_the_diverted_kexec_at_both_paths() -> None:
+    text = WRAPPER.read_text()
+    assert "for candidate in /usr/sbin/kexec.distrib /sbin/kexec.distrib /usr/sbin/kexec" in text
+
+
 def test_wrapper_is_found_on_path_as_kexec(fakes: Fakes, tmp_path: Path) -> None:
     # Installed in place of kexec (the dpkg diversion), its real kexec set apart: a call by
     # name reaches the gate, then the real binary.
