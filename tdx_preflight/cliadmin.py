@@ -1,5 +1,5 @@
 """Commands that set up and steer an installation: install-integrations, uninstall-integrations,
-and keep-crash-kernel (the kdump-tools drop-in's stop guard).
+keep-crash-kernel (the kdump-tools drop-in's stop guard) and reload (the unit's ExecReload=).
 
 Registered on the CLI group by cli.py; each is a StrictCommand like every other command.
 """
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .clioptions import StrictCommand, common
 from .integrations import Step
-from .report import EXIT_USAGE
+from .report import EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_USAGE
 
 _prefix = click.option(
     "--prefix",
@@ -106,8 +107,77 @@ def keep_crash_kernel(root: str | None, config_path: str | None) -> None:
     sys.exit(0 if keep else 1)
 
 
+@click.command("reload", cls=StrictCommand)
+@common
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the daemon to apply the reload.",
+)
+def reload(root: str | None, config_path: str | None, timeout: float) -> None:
+    """Make the daemon reload its configuration, and return once it has (ExecReload=).
+
+    Sends SIGHUP to the daemon that answers on the control socket, then waits until its
+    status shows the reload handled. Exit 0: applied; 2: the daemon refused the new
+    configuration (FILE:LINE on stderr; it keeps the old one); 3: no answer before the
+    deadline; 4: no daemon answers.
+    """
+    import os
+    import signal
+    import time
+
+    from .cli import _setup
+    from .daemon.client import exchange
+
+    host, policy = _setup(root, config_path)
+    host.close()
+    socket_path = policy.control_socket
+    deadline = time.monotonic() + timeout
+    got = exchange(socket_path, {"op": "status"}, timeout=min(5.0, timeout))
+    before = _reload_generation(got.body if got else None)
+    if got is None or before is None:
+        click.echo(f"tdx-preflight: reload: no daemon answers on {socket_path}", err=True)
+        sys.exit(EXIT_NO_DAEMON)
+    # The pid is the kernel's word for who answered (SO_PEERCRED), not the reply's.
+    os.kill(got.peer_pid, signal.SIGHUP)
+    while time.monotonic() < deadline:
+        left = deadline - time.monotonic()
+        now = exchange(socket_path, {"op": "status"}, timeout=max(0.1, min(5.0, left)))
+        body = now.body if now is not None and now.peer_pid == got.peer_pid else None
+        generation = _reload_generation(body)
+        if body is not None and generation is not None and generation > before:
+            error = body["reload"].get("error")
+            if error:
+                click.echo(
+                    f"tdx-preflight: reload: invalid configuration, the daemon keeps the "
+                    f"old one: {error}",
+                    err=True,
+                )
+                sys.exit(EXIT_USAGE)
+            sys.exit(0)
+        time.sleep(0.05)
+    click.echo(
+        f"tdx-preflight: reload: daemon pid {got.peer_pid} did not report the reload "
+        f"within {timeout:g} s",
+        err=True,
+    )
+    sys.exit(EXIT_UNKNOWN)
+
+
+def _reload_generation(body: dict[str, Any] | None) -> int | None:
+    """The reload counter of a status reply, or None when it has none (not a daemon reply)."""
+    if body is None or body.get("ok") is not True or not isinstance(body.get("reload"), dict):
+        return None
+    generation = body["reload"].get("generation")
+    is_count = isinstance(generation, int) and not isinstance(generation, bool)
+    return generation if is_count and generation >= 0 else None
+
+
 ADMIN_COMMANDS: tuple[click.Command, ...] = (
     install_integrations_cmd,
     uninstall_integrations_cmd,
     keep_crash_kernel,
+    reload,
 )

@@ -67,6 +67,13 @@ def unit(tmp_path: Path) -> Path:
         flags=re.MULTILINE,
     )
     assert count == 1, "the unit should have exactly one ExecStart= line"
+    text, count = re.subn(
+        r"^ExecReload=/usr/local/bin/tdx-preflight ",
+        f"ExecReload={console_script()} ",
+        text,
+        flags=re.MULTILINE,
+    )
+    assert count == 1, "ExecReload= runs `tdx-preflight reload`"
     copy = tmp_path / UNIT.name
     copy.write_text(text)
     return copy

@@ -84,6 +84,8 @@ class Daemon:
         self.facts: HostFacts | None = None
         self.report: Report | None = None
         self.last_reconcile: dict[str, Any] = {}
+        #: Bumped by every SIGHUP once handled; error: why the new configuration was refused.
+        self.reload: dict[str, Any] = {"generation": 0, "at": None, "error": None}
         self._stop = asyncio.Event()
         self._refresh_wanted = asyncio.Event()
         self._reconcile_wanted: str | None = None
@@ -173,8 +175,17 @@ class Daemon:
             policy = load(self.config_path)
         except ConfigError as exc:
             log.error("reload: invalid configuration, keeping the old one: %s", exc)
+            error: str | None = str(exc)
         else:
             self._apply_policy(policy)
+            error = None
+        # Published in status only once applied: `tdx-preflight reload` waits for it.
+        self.reload = {
+            "generation": self.reload["generation"] + 1,
+            "at": rfc3339(time.time()),
+            "error": error,
+        }
+        self._changed()
         self.request_reconcile("SIGHUP")
 
     def _apply_policy(self, policy: Policy) -> None:
@@ -581,6 +592,7 @@ class Daemon:
             "reconciles": self.reconciles,
             "last_reconcile": self.last_reconcile,
             "events": self.events,
+            "reload": dict(self.reload),
             "uevent_rcvbuf": self.source.effective_rcvbuf,
             "inhibitor": {
                 "enabled": self.policy.inhibit_shutdown,
