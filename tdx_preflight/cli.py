@@ -23,6 +23,33 @@ _metrics_option = click.option(
 )
 
 
+_quiet_option = click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Exit code only: print nothing (usage and configuration errors, exit 2, still do).",
+)
+
+
+def _quiet() -> bool:
+    """--quiet was given to the command running now."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.params.get("quiet"))
+
+
+def _refuse_with_quiet(*names: str) -> None:
+    """--quiet with an option that asks for output is a usage error, not a silent choice."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if not ctx.params.get("quiet"):
+        return
+    for name in names:
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            param = next(p for p in ctx.command.params if p.name == name)
+            raise click.UsageError(f"--quiet and {param.opts[-1]} contradict each other", ctx)
+
+
 def _setup(root: str | None, config_path: str | None, *, daemon: bool = False) -> tuple[Any, Any]:
     from .host import Host
     from .policy import ConfigError, load
@@ -92,6 +119,7 @@ def cli() -> None:
     "-v", "--verbose", is_flag=True, help="Show the evidence of every check and the guests."
 )
 @_metrics_option
+@_quiet_option
 def check(
     root: str | None,
     config_path: str | None,
@@ -99,12 +127,14 @@ def check(
     fmt: str,
     verbose: bool,
     metrics_file: str | None,
+    quiet: bool,
 ) -> None:
     """Run the checklist once and exit 0 (allow), 1 (block), 3 (block: unknown).
 
     When a daemon watching the same root answers, its TD ledger feeds
     guests.teardown; otherwise the check runs alone and says so.
     """
+    _refuse_with_quiet("fmt", "verbose")
     [report] = _run_checks(root, config_path, (phase,))
     _metrics(metrics_file, [report], config_path)
     _show(report, fmt, verbose)
@@ -137,6 +167,8 @@ def _run_checks(
 
 
 def _show(report: Any, fmt: str | None, verbose: bool = False) -> None:
+    if _quiet():
+        return
     from .render import report_json, report_text, use_colour
 
     if fmt == "json":
@@ -164,14 +196,15 @@ def _metrics(path: str | None, reports: list[Any], config_path: str | None) -> N
     if os.path.basename(path) == DAEMON_FILE or (
         daemons and os.path.realpath(path) == os.path.realpath(daemons)
     ):
-        click.echo(
-            f"tdx-preflight: warning: {path} is the daemon's metrics file; not rewriting it "
-            f"(write {CLI_FILE} beside it)",
-            err=True,
-        )
+        if not _quiet():
+            click.echo(
+                f"tdx-preflight: warning: {path} is the daemon's metrics file; not rewriting "
+                f"it (write {CLI_FILE} beside it)",
+                err=True,
+            )
         return
     err = write_metrics(path, reports, "cli")
-    if err:
+    if err and not _quiet():
         click.echo(f"tdx-preflight: warning: {err}", err=True)
 
 
@@ -294,9 +327,20 @@ def status(root: str | None, config_path: str | None, fmt: str) -> None:
     sys.exit(code if code in (0, 1, 3) else EXIT_UNKNOWN)
 
 
+def _complete_check_id(
+    _ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[click.shell_completion.CompletionItem]:
+    """Check ids for shell completion of `explain ID`, each with its title."""
+    from click.shell_completion import CompletionItem
+
+    from .checks import CHECKS
+
+    return [CompletionItem(c.id, help=c.title) for c in CHECKS if c.id.startswith(incomplete)]
+
+
 @cli.command()
 @common
-@click.argument("check_id", required=False)
+@click.argument("check_id", required=False, shell_complete=_complete_check_id)
 def explain(root: str | None, config_path: str | None, check_id: str | None) -> None:
     """What a check asks, why it matters on a TDX host, what it reads, how to fix it.
 
@@ -377,8 +421,9 @@ def _gate(report: Any, ov: Any) -> int:
         return report.exit_code
     report.extra["overridden"] = {"by": ov.by, "reason": ov.reason}
     log_override(ov, report.phase, report.verdict, report.summary)
-    click.echo(_blocked_line(report), err=True)
-    click.echo(f"tdx-preflight: OVERRIDDEN by {ov.by}: {ov.reason}", err=True)
+    if not _quiet():
+        click.echo(_blocked_line(report), err=True)
+        click.echo(f"tdx-preflight: OVERRIDDEN by {ov.by}: {ov.reason}", err=True)
     return 0
 
 
@@ -445,6 +490,7 @@ def _nothing_to_check(fmt: str | None) -> None:
 @_force
 @_reason
 @_metrics_option
+@_quiet_option
 @click.argument("phase", type=click.Choice(PHASES), required=False)
 def hook(
     root: str | None,
@@ -453,6 +499,7 @@ def hook(
     force: bool,
     reason: str | None,
     metrics_file: str | None,
+    quiet: bool,
     phase: str | None,
     kexec_args: tuple[str, ...] | None,
 ) -> None:
@@ -467,6 +514,7 @@ def hook(
     """
     from .kexec_args import gate_phases, parse_kexec_args
 
+    _refuse_with_quiet("fmt")
     ov = _override(force, reason)
     if phase is None and kexec_args is None:
         raise click.UsageError("hook needs a PHASE, kexec's arguments after --, or both")
@@ -478,7 +526,7 @@ def hook(
         _nothing_to_check(fmt)
         sys.exit(0)
     _show(report, fmt)
-    if code and report.verdict == "block":
+    if code and report.verdict == "block" and not quiet:
         click.echo(_blocked_line(report), err=True)
     sys.exit(code)
 
