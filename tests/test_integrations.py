@@ -734,6 +734,12 @@ def _series(host: str, metric: str, values: str, **labels: str) -> dict[str, str
     return {"series": f"{metric}{{{inner}}}", "values": values}
 
 
+def _status(host: str, values: str, phase: str, check: str, status: str) -> dict[str, str]:
+    return _series(
+        host, "tdx_preflight_check_status", values, phase=phase, check=check, status=status
+    )
+
+
 def _alert(host: str, severity: str, summary: str, description: str, **labels: str) -> Any:
     return {
         "exp_labels": {
@@ -755,19 +761,10 @@ PROMTOOL_SERIES = [
     _series("tdx1", "tdx_preflight_kexec_allowed", "1 0x20", phase="exec"),
     _series("tdx1", "tdx_preflight_kexec_allowed", "1x20", phase="load"),
     _series("tdx1", "tdx_preflight_td_guests", "0x20"),
-    _series(
-        "tdx1", "tdx_preflight_check_status", "0 1x20",
-        phase="exec", check="guests.teardown", status="fail",
-    ),
-    _series(
-        "tdx1", "tdx_preflight_check_status", "1x20",
-        phase="exec", check="platform.cpu", status="pass",
-    ),
+    _status("tdx1", "0 1x20", "exec", "guests.teardown", "fail"),
+    _status("tdx1", "1x20", "exec", "platform.cpu", "pass"),
     # The load phase does not check teardown: its statuses must not be listed for exec.
-    _series(
-        "tdx1", "tdx_preflight_check_status", "1x20",
-        phase="load", check="kernel.cache_flush", status="unknown",
-    ),
+    _status("tdx1", "1x20", "load", "kernel.cache_flush", "unknown"),
     _series(
         "tdx1", "tdx_preflight_info", "1x20",
         kernel="6.18.2-1-amd64", cpu_model="Xeon 6", tdx_module_version="1.5.08",
@@ -776,14 +773,8 @@ PROMTOOL_SERIES = [
     _series("tdx2", "tdx_preflight_kexec_allowed", "0x20", phase="exec"),
     _series("tdx2", "tdx_preflight_kexec_allowed", "0x20", phase="load"),
     _series("tdx2", "tdx_preflight_td_guests", "0x20"),
-    _series(
-        "tdx2", "tdx_preflight_check_status", "1x20",
-        phase="load", check="errata.tdx_pw_mce", status="fail",
-    ),
-    _series(
-        "tdx2", "tdx_preflight_check_status", "1x20",
-        phase="exec", check="guests.td", status="unknown",
-    ),
+    _status("tdx2", "1x20", "load", "errata.tdx_pw_mce", "fail"),
+    _status("tdx2", "1x20", "exec", "guests.td", "unknown"),
     _series(
         "tdx2", "tdx_preflight_info", "1x20",
         kernel="6.18.2-1-amd64", cpu_model="Xeon Platinum 8480+", tdx_module_version="1.5.06",
@@ -792,9 +783,7 @@ PROMTOOL_SERIES = [
     _series("tdx3", "tdx_preflight_kexec_allowed", "0x20", phase="exec"),
     _series("tdx3", "tdx_preflight_kexec_allowed", "1x20", phase="load"),
     _series("tdx3", "tdx_preflight_td_guests", "2x20"),
-    _series(
-        "tdx3", "tdx_preflight_check_status", "1x20", phase="exec", check="guests.td", status="fail"
-    ),
+    _status("tdx3", "1x20", "exec", "guests.td", "fail"),
     _series("tdx3", "tdx_preflight_last_check_timestamp_seconds", "0+60x20"),
     # tdx4: a healthy idle host whose daemon rewrites its file every minute, beside a CLI file
     # from one `check --phase crash` at t=0 that blocked: neither is an alert.

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import console_script
+from conftest import console_script, run_cli
 
 from tdx_preflight.daemon.notify import MAX_DATAGRAM, Notifier
 
@@ -139,14 +139,8 @@ def test_a_configuration_error_stops_the_daemon_loudly(tmp_path: Path) -> None:
     # Exit 2 (which the unit does not restart) with a journald CRIT line naming FILE:LINE.
     config = tmp_path / "config.yaml"
     config.write_text("reconcile_interval: 60\nreconcile_intervall: 30\n")
-    run = subprocess.run(
-        [console_script(), "daemon", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    assert run.returncode == 2, run.stderr
+    run = run_cli("daemon", "--config", str(config))
+    assert run.code == 2, run.stderr
     assert run.stdout == ""
     [line] = run.stderr.splitlines()
     assert line.startswith(f"<2>invalid configuration, not starting: {config}:2: "), line
