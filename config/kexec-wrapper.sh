@@ -18,11 +18,21 @@
 #
 #   Environment (for tests and unusual installs; the defaults are what hosts use):
 #     KEXEC_GATED_PREFLIGHT  the tdx-preflight to run   (default /usr/local/bin/tdx-preflight)
-#     KEXEC_GATED_KEXEC      the real kexec             (default /sbin/kexec.distrib when
-#                                                        present, see below, else /sbin/kexec)
+#     KEXEC_GATED_KEXEC      the real kexec             (default: the first executable of
+#                            /usr/sbin/kexec.distrib, /sbin/kexec.distrib (the diversion,
+#                            see below), /usr/sbin/kexec, /sbin/kexec)
 #     KEXEC_GATED_ACTIVE     set by this script for the real kexec: finding it set on entry
 #                            means the "real" kexec led back here (a loop), exit 2
+#     KEXEC_GATED_KMSG       the kernel log to write a refusal to       (default /dev/kmsg)
+#     KEXEC_GATED_CONSOLE    the console to write a refusal to          (default /dev/console)
+#                            (these two only for tests: hosts keep the defaults)
 #   The hook's own output goes to stderr, so kexec's stdout stays kexec's.
+#
+#   A refusal leaves its reason in three places: stderr (the hook's one line, then this
+#   script's), the kernel log as `<3>kexec-gated: ...` (priority err: `dmesg`, the journal of
+#   the next boot when it is persistent, a serial console), and the console when writable. The
+#   last two matter at the final `kexec -e` of systemd-shutdown, where stderr is not in any
+#   journal any more (journald has stopped) and the refusal otherwise left no trace.
 #
 # HOW TO ENABLE
 #   install -m 0755 config/kexec-wrapper.sh /usr/local/sbin/kexec-gated
@@ -35,11 +45,15 @@
 #   kdump-config (KEXEC=/sbin/kexec, set after it sources /etc/default/kdump-tools), and systemd
 #   itself (`systemctl kexec` loads with /sbin/kexec, systemd-shutdown jumps with
 #   `/sbin/kexec -e`). Put the gate in that path with a local diversion, which survives
-#   upgrades of kexec-tools:
-#       dpkg-divert --local --rename --divert /sbin/kexec.distrib --add /sbin/kexec
-#       ln -s /usr/local/sbin/kexec-gated /sbin/kexec
+#   upgrades of kexec-tools. Divert the path the installed package ships, which dpkg knows by
+#   that name only: /sbin/kexec in Debian 12's kexec-tools, /usr/sbin/kexec in newer Debian and
+#   Ubuntu releases (on a merged-/usr host /sbin/kexec is the same file either way):
+#       kexec=$(dpkg -L kexec-tools | grep -x '.*/s\?bin/kexec')
+#       dpkg-divert --local --rename --divert "$kexec.distrib" --add "$kexec"
+#       ln -s /usr/local/sbin/kexec-gated "$kexec"
 #   and undo it with
-#       rm /sbin/kexec && dpkg-divert --local --rename --remove /sbin/kexec
+#       rm "$kexec" && dpkg-divert --local --rename --remove "$kexec"
+#   (`dpkg-divert --list '*kexec*'` shows what is in place.)
 #   Every kexec on the host is then checked at the moment it runs. A refused `kexec -e` in
 #   systemd-shutdown (systemctl kexec, or a reboot that systemd turned into a kexec because a
 #   kernel was loaded) makes systemd-shutdown fall through to a normal reboot; a refused one in
@@ -62,11 +76,15 @@ me=kexec-gated
 preflight=${KEXEC_GATED_PREFLIGHT:-/usr/local/bin/tdx-preflight}
 real=${KEXEC_GATED_KEXEC:-}
 if [ -z "$real" ]; then
-    if [ -x /sbin/kexec.distrib ]; then
-        real=/sbin/kexec.distrib
-    else
-        real=/sbin/kexec
-    fi
+    # The diverted binary first (either path kexec-tools may ship), then the undiverted one
+    # when this script is called as kexec-gated.
+    real=/sbin/kexec
+    for candidate in /usr/sbin/kexec.distrib /sbin/kexec.distrib /usr/sbin/kexec /sbin/kexec; do
+        if [ -x "$candidate" ]; then
+            real=$candidate
+            break
+        fi
+    done
 fi
 
 if [ -n "${KEXEC_GATED_ACTIVE:-}" ]; then
@@ -74,14 +92,27 @@ if [ -n "${KEXEC_GATED_ACTIVE:-}" ]; then
     exit 2
 fi
 
-"$preflight" hook -- "$@" >&2
+# The hook's stdout goes to our stderr; its stderr (the reason) is kept to log it.
+{ reason=$("$preflight" hook -- "$@" 2>&1 1>&3); } 3>&2
 code=$?
 if [ "$code" -ne 0 ]; then
+    [ -n "$reason" ] && printf '%s\n' "$reason" >&2
     case $code in
         126 | 127) why="$preflight could not be run" ;;
         *) why="tdx-preflight refused this kexec" ;;
     esac
+    line="$me: $why (exit $code); $real $* not run"
+    last=$(printf '%s\n' "$reason" | tail -n 1)
+    [ -n "$last" ] && line="$line: $last"
     echo "$me: $why (exit $code); $real not run" >&2
+    # One record each: the kernel log (priority 3, err) and the console. Neither may fail
+    # the refusal itself, so their errors are dropped.
+    kmsg=${KEXEC_GATED_KMSG:-/dev/kmsg}
+    console=${KEXEC_GATED_CONSOLE:-/dev/console}
+    { printf '<3>%s\n' "$line" >"$kmsg"; } 2>/dev/null
+    if [ -w "$console" ]; then
+        { printf '%s\n' "$line" >"$console"; } 2>/dev/null
+    fi
     exit "$code"
 fi
 

@@ -5,52 +5,71 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from . import __version__
 from .checks import PHASES, REGISTRY
-from .clioptions import StrictGroup
+from .cliadmin import ADMIN_COMMANDS
+from .clioptions import StrictGroup, common
 from .report import EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_USAGE
-
-_common_root = click.option(
-    "--root",
-    type=click.Path(),
-    default=None,
-    help="Host root to read: a directory or a snapshot .tar.gz (default /, or the config's root).",
-)
-_common_config = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="YAML configuration file (default /etc/tdx-preflight/config.yaml if present).",
-)
-
 
 _metrics_option = click.option(
     "--metrics-file",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     default=None,
-    help="Also write node_exporter textfile metrics here (e.g. .../tdx_preflight.prom).",
+    help="Also write node_exporter textfile metrics here: a file, or a directory to write "
+    "tdx_preflight_cli.prom in (e.g. /var/lib/prometheus/node-exporter).",
 )
 
 
-def common(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--root and --config, the same on every command."""
-    return _common_root(_common_config(func))
+_quiet_option = click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Exit code only: print nothing (usage and configuration errors, exit 2, still do).",
+)
 
 
-def _setup(root: str | None, config_path: str | None) -> tuple[Any, Any]:
+def _quiet() -> bool:
+    """--quiet was given to the command running now."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.params.get("quiet"))
+
+
+def _refuse_with_quiet(*names: str) -> None:
+    """--quiet with an option that asks for output is a usage error, not a silent choice."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if not ctx.params.get("quiet"):
+        return
+    for name in names:
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            param = next(p for p in ctx.command.params if p.name == name)
+            raise click.UsageError(f"--quiet and {param.opts[-1]} contradict each other", ctx)
+
+
+def _setup(root: str | None, config_path: str | None, *, daemon: bool = False) -> tuple[Any, Any]:
     from .host import Host
     from .policy import ConfigError, load
 
     try:
         policy = load(config_path)
     except ConfigError as exc:
-        click.echo(f"tdx-preflight: invalid configuration: {exc}", err=True)
+        if daemon:
+            # A journald CRIT line with FILE:LINE; exit 2 stops the unit for good
+            # (RestartPreventExitStatus=2) instead of restarting into the same typo.
+            from .daemon.log import setup_logging
+
+            setup_logging().critical(
+                "invalid configuration, not starting: %s (exit 2: fix it, then "
+                "`systemctl restart tdx-preflight`)",
+                exc,
+            )
+        else:
+            click.echo(f"tdx-preflight: invalid configuration: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     host_root = root or policy.root or "/"
     import os
@@ -101,6 +120,7 @@ def cli() -> None:
     "-v", "--verbose", is_flag=True, help="Show the evidence of every check and the guests."
 )
 @_metrics_option
+@_quiet_option
 def check(
     root: str | None,
     config_path: str | None,
@@ -108,14 +128,16 @@ def check(
     fmt: str,
     verbose: bool,
     metrics_file: str | None,
+    quiet: bool,
 ) -> None:
     """Run the checklist once and exit 0 (allow), 1 (block), 3 (block: unknown).
 
     When a daemon watching the same root answers, its TD ledger feeds
     guests.teardown; otherwise the check runs alone and says so.
     """
+    _refuse_with_quiet("fmt", "verbose")
     [report] = _run_checks(root, config_path, (phase,))
-    _metrics(metrics_file, [report])
+    _metrics(metrics_file, [report], config_path)
     _show(report, fmt, verbose)
     sys.exit(report.exit_code)
 
@@ -146,6 +168,8 @@ def _run_checks(
 
 
 def _show(report: Any, fmt: str | None, verbose: bool = False) -> None:
+    if _quiet():
+        return
     from .render import report_json, report_text, use_colour
 
     if fmt == "json":
@@ -154,14 +178,34 @@ def _show(report: Any, fmt: str | None, verbose: bool = False) -> None:
         click.echo(report_text(report, verbose=verbose, colour=use_colour()), color=use_colour())
 
 
-def _metrics(path: str | None, reports: list[Any]) -> None:
-    """Write the metrics file when asked; a failure is a warning, never an exit code."""
+def _metrics(path: str | None, reports: list[Any], config_path: str | None) -> None:
+    """Write the metrics file when asked; a failure is a warning, never an exit code.
+
+    A directory gets CLI_FILE in it. The daemon's file (its metrics_file, or any file named
+    DAEMON_FILE) is never rewritten: its series would lose the phases a CLI run did not check.
+    """
     if not path:
         return
-    from .metrics import write_metrics
+    import os
 
-    err = write_metrics(path, reports)
-    if err:
+    from .metrics import CLI_FILE, DAEMON_FILE, write_metrics
+    from .policy import load
+
+    if os.path.isdir(path):
+        path = os.path.join(path, CLI_FILE)
+    daemons = load(config_path).metrics_file
+    if os.path.basename(path) == DAEMON_FILE or (
+        daemons and os.path.realpath(path) == os.path.realpath(daemons)
+    ):
+        if not _quiet():
+            click.echo(
+                f"tdx-preflight: warning: {path} is the daemon's metrics file; not rewriting "
+                f"it (write {CLI_FILE} beside it)",
+                err=True,
+            )
+        return
+    err = write_metrics(path, reports, "cli")
+    if err and not _quiet():
         click.echo(f"tdx-preflight: warning: {err}", err=True)
 
 
@@ -231,7 +275,7 @@ def daemon(root: str | None, config_path: str | None) -> None:
     """Run the agent in the foreground (systemd Type=notify): track VMs and TDs, serve reports."""
     from .daemon.service import run_daemon
 
-    host, policy = _setup(root, config_path)
+    host, policy = _setup(root, config_path, daemon=True)
     host.close()
     if host.root != "/":
         # Uevents describe the live kernel; applied to another tree they would lie.
@@ -297,9 +341,20 @@ def status(root: str | None, config_path: str | None, fmt: str) -> None:
     sys.exit(code if code in (0, 1, 3) else EXIT_UNKNOWN)
 
 
+def _complete_check_id(
+    _ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[click.shell_completion.CompletionItem]:
+    """Check ids for shell completion of `explain ID`, each with its title."""
+    from click.shell_completion import CompletionItem
+
+    from .checks import CHECKS
+
+    return [CompletionItem(c.id, help=c.title) for c in CHECKS if c.id.startswith(incomplete)]
+
+
 @cli.command()
 @common
-@click.argument("check_id", required=False)
+@click.argument("check_id", required=False, shell_complete=_complete_check_id)
 def explain(root: str | None, config_path: str | None, check_id: str | None) -> None:
     """What a check asks, why it matters on a TDX host, what it reads, how to fix it.
 
@@ -380,8 +435,9 @@ def _gate(report: Any, ov: Any) -> int:
         return report.exit_code
     report.extra["overridden"] = {"by": ov.by, "reason": ov.reason}
     log_override(ov, report.phase, report.verdict, report.summary)
-    click.echo(_blocked_line(report), err=True)
-    click.echo(f"tdx-preflight: OVERRIDDEN by {ov.by}: {ov.reason}", err=True)
+    if not _quiet():
+        click.echo(_blocked_line(report), err=True)
+        click.echo(f"tdx-preflight: OVERRIDDEN by {ov.by}: {ov.reason}", err=True)
     return 0
 
 
@@ -419,7 +475,7 @@ def _gate_check(
     if kexec is not None and kexec.unreadable:
         report.notes.append(f"kexec's arguments read as every phase: {kexec.unreadable}")
     code = _gate(report, ov)
-    _metrics(metrics_file, reports)
+    _metrics(metrics_file, reports, config_path)
     return report, code
 
 
@@ -448,6 +504,7 @@ def _nothing_to_check(fmt: str | None) -> None:
 @_force
 @_reason
 @_metrics_option
+@_quiet_option
 @click.argument("phase", type=click.Choice(PHASES), required=False)
 def hook(
     root: str | None,
@@ -456,6 +513,7 @@ def hook(
     force: bool,
     reason: str | None,
     metrics_file: str | None,
+    quiet: bool,
     phase: str | None,
     kexec_args: tuple[str, ...] | None,
 ) -> None:
@@ -470,6 +528,7 @@ def hook(
     """
     from .kexec_args import gate_phases, parse_kexec_args
 
+    _refuse_with_quiet("fmt")
     ov = _override(force, reason)
     if phase is None and kexec_args is None:
         raise click.UsageError("hook needs a PHASE, kexec's arguments after --, or both")
@@ -481,7 +540,7 @@ def hook(
         _nothing_to_check(fmt)
         sys.exit(0)
     _show(report, fmt)
-    if code and report.verdict == "block":
+    if code and report.verdict == "block" and not quiet:
         click.echo(_blocked_line(report), err=True)
     sys.exit(code)
 
@@ -549,41 +608,6 @@ def exec_(
         sys.exit(EXIT_USAGE)
 
 
-@cli.command("install-integrations")
-@click.option(
-    "--prefix",
-    default="/",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Install under this directory instead of /.",
-)
-@click.option("--dry-run", is_flag=True, help="Print what would be copied; write nothing.")
-def install_integrations_cmd(prefix: str, dry_run: bool) -> None:
-    """Copy the unit, the kexec/kdump drop-ins, the kexec wrapper and the alert rule into place."""
-    from .integrations import install_integrations
-
-    try:
-        pairs = install_integrations(prefix, dry_run=dry_run)
-    except (OSError, RuntimeError) as exc:
-        click.echo(f"tdx-preflight: install-integrations: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    for src, dst in pairs:
-        click.echo(f"{'would copy' if dry_run else 'copied'} {src} -> {dst}")
-    # Every unit and drop-in calls /usr/local/bin/tdx-preflight: point it at this install.
-    import os
-    from pathlib import Path
-
-    script = Path(sys.executable).parent / "tdx-preflight"
-    link = Path(prefix) / "usr/local/bin/tdx-preflight"
-    if os.path.lexists(link):
-        click.echo(f"kept {link} (already there)")
-    elif script.exists():
-        if not dry_run:
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(script)
-        click.echo(f"{'would link' if dry_run else 'linked'} {link} -> {script}")
-
-
 @cli.command()
 @common
 @click.argument("output", type=click.Path(dir_okay=False))
@@ -624,6 +648,9 @@ def snapshot(root: str | None, config_path: str | None, output: str, keep_cmdlin
             err=True,
         )
 
+
+for _command in ADMIN_COMMANDS:
+    cli.add_command(_command)
 
 #: click's shell-completion switch; a shell calls the program with it and no arguments.
 COMPLETE_VAR = "_TDX_PREFLIGHT_COMPLETE"

@@ -11,6 +11,7 @@ command cannot opt out by forgetting a decorator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -100,3 +101,23 @@ class StrictGroup(click.Group, _StrictParsing):
     """The CLI's group: its own options read strictly, and every command a StrictCommand."""
 
     command_class = StrictCommand
+
+
+_common_root = click.option(
+    "--root",
+    type=click.Path(),
+    default=None,
+    help="Host root to read: a directory or a snapshot .tar.gz (default /, or the config's root).",
+)
+_common_config = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML configuration file (default /etc/tdx-preflight/config.yaml if present).",
+)
+
+
+def common(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--root and --config, the same on every command."""
+    return _common_root(_common_config(func))

@@ -69,6 +69,8 @@ class Policy(NamedTuple):
     #: TDX module versions (X.Y.ZZ, as tdx_host/version prints them) the operator vouches
     #: implement TDH.SYS.DISABLE; a check's pass that rests on it says so in the report.
     sys_disable_module_versions: tuple[str, ...] = ()
+    #: ...and at least this often (seconds), so an idle healthy host never looks stale.
+    metrics_interval: float = 60.0
     source: str | None = None
 
     @property
@@ -356,4 +358,5 @@ _SETTINGS = {
     "inhibit_bus": _optional_str,
     "metrics_file": _path,
     "sys_disable_module_versions": _module_versions,
+    "metrics_interval": _number(1, 3600),
 }

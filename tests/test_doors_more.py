@@ -147,3 +147,12 @@ def test_a_non_utf8_image_path_is_no_traceback(tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL,
     )
     assert run.returncode in (0, 1, 3) and "Traceback" not in run.stderr
+
+
+def test_metrics_never_replace_something_that_is_not_a_regular_file(tmp_path: Path) -> None:
+    root = build(tmp_path / "r", tdx_host())
+    fifo = tmp_path / "metrics.prom"
+    os.mkfifo(fifo)
+    run = run_cli("check", "--root", str(root), "--metrics-file", str(fifo))
+    assert run.code == 0 and "not a regular file" in run.stderr
+    assert os.path.exists(fifo) and not fifo.is_file()  # still the FIFO

@@ -203,63 +203,6 @@ def test_override_needs_root_and_a_reason_and_is_recorded(tmp_path: Path) -> Non
     assert proc.returncode == 2 and "needs root" in proc.stderr, proc.stderr
 
 
-# -- metrics ----------------------------------------------------------------------------
-
-
-def _metrics(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = {}
-    for fam in text_string_to_metric_families(path.read_text()):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def test_metrics_file_never_changes_the_exit_code(tmp_path: Path) -> None:
-    spec = tdx_host(
-        processes=[VmProc(pid=4242, cmdline=qemu_td_cmdline("td1"), misc_tdx=1)],
-        misc_current={"tdx": 1},
-    )
-    root = gate_root(tmp_path, spec)
-    prom = tmp_path / "tdx_preflight.prom"
-    run = run_cli("check", "--root", str(root), "--metrics-file", str(prom))
-    assert run.code == 1
-    m = _metrics(prom)
-    assert m[("tdx_preflight_kexec_allowed", (("phase", "exec"),))] == 0
-    assert m[("tdx_preflight_check_status", (("check", "guests.td"), ("status", "fail")))] == 1
-    assert m[("tdx_preflight_check_status", (("check", "guests.td"), ("status", "pass")))] == 0
-    assert m[("tdx_preflight_td_guests", ())] == 1 and m[("tdx_preflight_kvm_vms", ())] == 1
-    info = [k for k in m if k[0] == "tdx_preflight_info"]
-    assert (
-        info
-        and ("kernel", RELEASE) in info[0][1]
-        and ("tdx_module_version", "1.5.08") in info[0][1]
-    )
-    assert time.time() - m[("tdx_preflight_last_check_timestamp_seconds", ())] < 60
-    assert oct(prom.stat().st_mode & 0o777) == "0o644"
-    bad = run_cli("check", "--root", str(root), "--metrics-file", str(tmp_path / "no/dir/x.prom"))
-    assert bad.code == 1 and "warning" in bad.stderr
-
-
-def test_daemon_writes_metrics_for_every_phase(tmp_path: Path) -> None:
-    prom = tmp_path / "d.prom"
-    d = DaemonProc(metrics_file=str(prom))
-    try:
-        deadline = time.monotonic() + 10
-        while not prom.exists():
-            assert time.monotonic() < deadline, d.log()
-            time.sleep(0.05)
-        m = _metrics(prom)
-        assert {k[1][0][1] for k in m if k[0] == "tdx_preflight_kexec_allowed"} == {
-            "load",
-            "exec",
-            "crash",
-        }
-    finally:
-        d.cleanup()
-
-
 # -- races: a VM started after the daemon last reported -------------------------------------
 
 

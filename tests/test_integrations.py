@@ -4,7 +4,7 @@ The drop-ins are verified by the real `systemd-analyze verify` beside stand-ins 
 they extend (Debian's kexec-load.service is made by the real systemd-sysv-generator); their
 shell guards, the wrapper and kured's reboot command run for real under /bin/sh with recording
 fakes of tdx-preflight, kexec and systemctl; the alert rules are parsed, and checked and
-unit-tested by promtool where it is installed; the installer writes into a temporary prefix.
+unit-tested by promtool where it is installed; the installer is tested in test_install.py.
 The agent's own unit is verified in test_systemd.py.
 """
 
@@ -14,10 +14,8 @@ import os
 import re
 import shlex
 import shutil
-import stat
 import subprocess
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +24,7 @@ import pytest
 import yaml
 from conftest import console_script
 
-from tdx_preflight.integrations import (
-    SHIPPED,
-    IntegrationFilesMissing,
-    install_integrations,
-)
+from tdx_preflight.integrations import SHIPPED
 
 REPO = Path(__file__).resolve().parent.parent
 WRAPPER = REPO / "config" / "kexec-wrapper.sh"
@@ -78,6 +72,8 @@ class Fakes:
     def __init__(self, root: Path) -> None:
         self.bin = root / "bin"
         self.log = root / "calls"
+        self.kmsg = root / "kmsg"
+        self.console = root / "console"
         self.bin.mkdir()
         self.log.mkdir()
 
@@ -105,6 +101,9 @@ class Fakes:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEXEC_GATED_")}
         env.pop("SYSTEMCTL_SKIP_AUTO_KEXEC", None)
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        # A refusal is logged to the kernel log and the console: never the real ones here.
+        env["KEXEC_GATED_KMSG"] = str(self.kmsg)
+        env["KEXEC_GATED_CONSOLE"] = str(self.console)
         env.update(extra)
         return env
 
@@ -288,7 +287,8 @@ def test_drop_in_runs_the_hook(name: str, phase: str) -> None:
         assert os.access("/bin/sh", os.X_OK)
         syntax = _run(["/bin/sh", "-n", "-c", argv[2]])
         assert syntax.returncode == 0, syntax.stderr
-        assert argv[2].endswith(f"; exec {INSTALLED_AT} hook {phase}")
+        assert f"; {INSTALLED_AT} hook {phase}; rc=$?; " in argv[2]
+        assert argv[2].endswith('; exit "$rc"')
     else:
         assert argv == [INSTALLED_AT, "hook", phase]
 
@@ -302,15 +302,16 @@ def _guard(name: str, fakes: Fakes) -> list[str]:
     ("env", "hook_runs"),
     [({"USE_KDUMP": "1"}, True), ({"USE_KDUMP": "0"}, False), ({}, False)],
 )
-@pytest.mark.parametrize("hook_rc", [0, 1, 3])
+@pytest.mark.parametrize("hook_rc", [0, 1, 2, 3])
 def test_kdump_tools_guard(
-    fakes: Fakes, env: dict[str, str], hook_runs: bool, hook_rc: int
+    fakes: Fakes, tmp_path: Path, env: dict[str, str], hook_runs: bool, hook_rc: int
 ) -> None:
     if Path("/etc/default/kdump-tools").exists():
         pytest.skip("/etc/default/kdump-tools exists here and would decide instead of the test")
     if Path("/proc/vmcore").exists() and Path("/proc/vmcore").stat().st_size:
         pytest.skip("this is a crash kernel")
-    clean = fakes.env(FAKE_RC=str(hook_rc))
+    kmsg = tmp_path / "kmsg"
+    clean = fakes.env(FAKE_RC=str(hook_rc), TDX_PREFLIGHT_KMSG=str(kmsg))
     clean.pop("USE_KDUMP", None)
     run = _run(_guard("kdump-tools.service", fakes), env={**clean, **env})
     calls = fakes.calls()
@@ -319,24 +320,47 @@ def test_kdump_tools_guard(
         assert run.returncode == hook_rc
     else:
         assert calls == [] and run.returncode == 0
+    _assert_config_error_logged(kmsg, hook_runs and hook_rc == 2, "kdump is off this boot")
+
+
+def _assert_config_error_logged(kmsg: Path, logged: bool, consequence: str) -> None:
+    """A configuration error (exit 2) leaves one err-priority line in the kernel log."""
+    if not logged:
+        assert not kmsg.exists()
+        return
+    [line] = kmsg.read_text().splitlines()
+    assert line.startswith("<3>tdx-preflight: invalid configuration (exit 2): ")
+    assert consequence in line
+
+
+def test_drop_in_kmsg_path_defaults_to_dev_kmsg() -> None:
+    for name in ("kexec-load.service", "kdump-tools.service"):
+        text = (REPO / "systemd" / f"{name}.d" / "tdx-preflight.conf").read_text()
+        assert '>"$${TDX_PREFLIGHT_KMSG:-/dev/kmsg}"' in text
+        assert "TDX_PREFLIGHT_KMSG (default /dev/kmsg) is only" in text
 
 
 @pytest.mark.parametrize(
     ("load_kexec", "hook_runs"), [("true", True), ("false", False), (None, False)]
 )
-def test_kexec_load_guard(fakes: Fakes, load_kexec: str | None, hook_runs: bool) -> None:
+@pytest.mark.parametrize("hook_rc", [1, 2])
+def test_kexec_load_guard(
+    fakes: Fakes, tmp_path: Path, load_kexec: str | None, hook_runs: bool, hook_rc: int
+) -> None:
     if Path("/etc/default/kexec").exists() or Path("/etc/default/kexec.d").exists():
         pytest.skip("/etc/default/kexec exists here and would decide instead of the test")
-    env = fakes.env(FAKE_RC="1")
+    kmsg = tmp_path / "kmsg"
+    env = fakes.env(FAKE_RC=str(hook_rc), TDX_PREFLIGHT_KMSG=str(kmsg))
     env.pop("LOAD_KEXEC", None)
     if load_kexec is not None:
         env["LOAD_KEXEC"] = load_kexec
     run = _run(_guard("kexec-load.service", fakes), env=env)
     if hook_runs:
         assert [c.argv for c in fakes.calls()] == [["hook", "load"]]
-        assert run.returncode == 1
+        assert run.returncode == hook_rc
     else:
         assert fakes.calls() == [] and run.returncode == 0
+    _assert_config_error_logged(kmsg, hook_runs and hook_rc == 2, "reboots are cold")
 
 
 # --- the kexec wrapper ----------------------------------------------------------------------
@@ -393,6 +417,52 @@ def test_wrapper_runs_kexec_only_on_allow(fakes: Fakes, hook_rc: int) -> None:
     )
 
 
+@pytest.mark.parametrize("console_writable", [True, False])
+def test_a_refusal_reaches_the_kernel_log_and_the_console(
+    fakes: Fakes, console_writable: bool
+) -> None:
+    # The final `kexec -e` runs inside systemd-shutdown, after journald: the reason must
+    # still be somewhere a person finds it.
+    (fakes.bin / "tdx-preflight").write_text(
+        "#!/bin/sh\necho 'tdx-preflight: kexec exec blocked: guests.td fail: 1 TD guest "
+        "alive' >&2\nexit 1\n"
+    )
+    fakes.console.write_text("")
+    if not console_writable:
+        fakes.console.chmod(0o444)
+    run = _wrap(fakes, "-e")
+    assert run.returncode == 1
+    assert [c.name for c in fakes.calls()] == []
+    line = (
+        f"kexec-gated: tdx-preflight refused this kexec (exit 1); {fakes.bin / 'kexec'} -e "
+        "not run: tdx-preflight: kexec exec blocked: guests.td fail: 1 TD guest alive"
+    )
+    assert fakes.kmsg.read_text() == f"<3>{line}\n"
+    if console_writable:
+        assert fakes.console.read_text() == f"{line}\n"
+    elif os.geteuid() != 0:  # root writes through mode 0444
+        assert fakes.console.read_text() == ""
+    assert run.stderr.splitlines()[0] == (
+        "tdx-preflight: kexec exec blocked: guests.td fail: 1 TD guest alive"
+    )
+
+
+def test_a_missing_kernel_log_does_not_change_the_refusal(fakes: Fakes, tmp_path: Path) -> None:
+    run = _wrap(fakes, "-e", FAKE_RC="3", KEXEC_GATED_KMSG=str(tmp_path / "no" / "kmsg"))
+    assert run.returncode == 3
+    assert "refused this kexec (exit 3)" in run.stderr and "kmsg" not in run.stderr
+
+
+def test_the_kernel_log_and_console_default_to_the_real_devices() -> None:
+    text = WRAPPER.read_text()
+    assert "kmsg=${KEXEC_GATED_KMSG:-/dev/kmsg}" in text
+    assert "console=${KEXEC_GATED_CONSOLE:-/dev/console}" in text
+    assert (
+        "KEXEC_GATED_KMSG       the kernel log to write a refusal to       (default /dev/kmsg)"
+        in text
+    )
+
+
 def test_wrapper_passes_kexec_exit_code_and_stdout(fakes: Fakes) -> None:
     run = _wrap(fakes, "-e", FAKE_KEXEC_RC="7")
     assert run.returncode == 7
@@ -437,6 +507,37 @@ def test_wrapper_refuses_to_loop(fakes: Fakes) -> None:
     run = _wrap(fakes, "-e", KEXEC_GATED_ACTIVE="1")
     assert run.returncode == 2
     assert fakes.calls() == [] and "loop" in run.stderr
+
+
+# `dpkg -L kexec-tools` lines around the binary: Debian 12 ships /sbin/kexec, newer releases
+# /usr/sbin/kexec.
+KEXEC_TOOLS_FILES = {
+    "bookworm": ["/.", "/sbin", "/sbin/coldreboot", "/sbin/kexec", "/sbin/vmcore-dmesg",
+                 "/usr/share/man/man8/kexec.8.gz"],
+    "trixie": ["/.", "/usr/sbin", "/usr/sbin/coldreboot", "/usr/sbin/kexec",
+               "/usr/share/man/man8/kexec.8.gz", "/usr/share/doc/kexec-tools/kexec"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("release", "path"), [("bookworm", "/sbin/kexec"), ("trixie", "/usr/sbin/kexec")]
+)
+def test_the_diversion_recipe_finds_the_shipped_kexec(release: str, path: str) -> None:
+    recipe = re.findall(r"^#       (\S.*)$", WRAPPER.read_text(), flags=re.MULTILINE)
+    [find] = [line for line in recipe if line.startswith("kexec=$(dpkg -L kexec-tools | ")]
+    pattern = find.removeprefix("kexec=$(dpkg -L kexec-tools | ").removesuffix(")")
+    listing = "\n".join(KEXEC_TOOLS_FILES[release]) + "\n"
+    run = subprocess.run(
+        ["/bin/sh", "-c", pattern], input=listing, capture_output=True, text=True, timeout=30
+    )
+    assert run.stdout == f"{path}\n", run.stderr
+    assert 'dpkg-divert --local --rename --divert "$kexec.distrib" --add "$kexec"' in recipe
+    assert 'rm "$kexec" && dpkg-divert --local --rename --remove "$kexec"' in recipe
+
+
+def test_the_wrapper_looks_for_the_diverted_kexec_at_both_paths() -> None:
+    text = WRAPPER.read_text()
+    assert "for candidate in /usr/sbin/kexec.distrib /sbin/kexec.distrib /usr/sbin/kexec" in text
 
 
 def test_wrapper_is_found_on_path_as_kexec(fakes: Fakes, tmp_path: Path) -> None:
@@ -567,16 +668,21 @@ def test_rules_structure() -> None:
     blocked = by_name["TDXKexecBlocked"]
     # Exec refused, except where that is expected: TD guests alive, or no kexec this boot.
     assert blocked["expr"] == (
-        'tdx_preflight_kexec_allowed{phase="exec"} == 0'
-        " unless on(instance, job) tdx_preflight_td_guests > 0"
-        ' unless on(instance, job) tdx_preflight_kexec_allowed{phase="load"} == 0'
+        'tdx_preflight_kexec_allowed{source="daemon",phase="exec"} == 0'
+        ' unless on(instance, job) tdx_preflight_td_guests{source="daemon"} > 0'
+        ' unless on(instance, job) tdx_preflight_kexec_allowed{source="daemon",phase="load"} == 0'
     )
     assert (blocked["for"], blocked["labels"]["severity"]) == ("10m", "warning")
     unavailable = by_name["TDXKexecUnavailable"]
-    assert unavailable["expr"] == 'tdx_preflight_kexec_allowed{phase="load"} == 0'
+    assert unavailable["expr"] == 'tdx_preflight_kexec_allowed{source="daemon",phase="load"} == 0'
     stale = by_name["TDXPreflightStale"]
-    assert stale["expr"] == "time() - tdx_preflight_last_check_timestamp_seconds > 900"
-    assert by_name["TDXGuestsRunning"]["expr"] == "tdx_preflight_td_guests > 0"
+    assert stale["expr"] == (
+        'time() - tdx_preflight_last_check_timestamp_seconds{source="daemon"} > 900'
+    )
+    assert by_name["TDXGuestsRunning"]["expr"] == 'tdx_preflight_td_guests{source="daemon"} > 0'
+    # Only the daemon's series: a CLI's file is as old as its last run.
+    for rule in rules:
+        assert 'source="daemon"' in rule["expr"], rule["alert"]
     assert by_name["TDXGuestsRunning"]["labels"]["severity"] == "info"
 
 
@@ -623,14 +729,26 @@ def test_promtool_checks_the_rules(promtool: str) -> None:
 
 
 def _series(host: str, metric: str, values: str, **labels: str) -> dict[str, str]:
-    all_labels = {"instance": host, "job": "node", **labels}
+    all_labels = {"instance": host, "job": "node", "source": "daemon", **labels}
     inner = ",".join(f'{k}="{v}"' for k, v in sorted(all_labels.items()))
     return {"series": f"{metric}{{{inner}}}", "values": values}
 
 
+def _status(host: str, values: str, phase: str, check: str, status: str) -> dict[str, str]:
+    return _series(
+        host, "tdx_preflight_check_status", values, phase=phase, check=check, status=status
+    )
+
+
 def _alert(host: str, severity: str, summary: str, description: str, **labels: str) -> Any:
     return {
-        "exp_labels": {"instance": host, "job": "node", "severity": severity, **labels},
+        "exp_labels": {
+            "instance": host,
+            "job": "node",
+            "source": "daemon",
+            "severity": severity,
+            **labels,
+        },
         "exp_annotations": {"summary": summary, "description": description},
     }
 
@@ -643,8 +761,10 @@ PROMTOOL_SERIES = [
     _series("tdx1", "tdx_preflight_kexec_allowed", "1 0x20", phase="exec"),
     _series("tdx1", "tdx_preflight_kexec_allowed", "1x20", phase="load"),
     _series("tdx1", "tdx_preflight_td_guests", "0x20"),
-    _series("tdx1", "tdx_preflight_check_status", "0 1x20", check="guests.teardown", status="fail"),
-    _series("tdx1", "tdx_preflight_check_status", "1x20", check="platform.cpu", status="pass"),
+    _status("tdx1", "0 1x20", "exec", "guests.teardown", "fail"),
+    _status("tdx1", "1x20", "exec", "platform.cpu", "pass"),
+    # The load phase does not check teardown: its statuses must not be listed for exec.
+    _status("tdx1", "1x20", "load", "kernel.cache_flush", "unknown"),
     _series(
         "tdx1", "tdx_preflight_info", "1x20",
         kernel="6.18.2-1-amd64", cpu_model="Xeon 6", tdx_module_version="1.5.08",
@@ -653,7 +773,8 @@ PROMTOOL_SERIES = [
     _series("tdx2", "tdx_preflight_kexec_allowed", "0x20", phase="exec"),
     _series("tdx2", "tdx_preflight_kexec_allowed", "0x20", phase="load"),
     _series("tdx2", "tdx_preflight_td_guests", "0x20"),
-    _series("tdx2", "tdx_preflight_check_status", "1x20", check="errata.tdx_pw_mce", status="fail"),
+    _status("tdx2", "1x20", "load", "errata.tdx_pw_mce", "fail"),
+    _status("tdx2", "1x20", "exec", "guests.td", "unknown"),
     _series(
         "tdx2", "tdx_preflight_info", "1x20",
         kernel="6.18.2-1-amd64", cpu_model="Xeon Platinum 8480+", tdx_module_version="1.5.06",
@@ -662,8 +783,18 @@ PROMTOOL_SERIES = [
     _series("tdx3", "tdx_preflight_kexec_allowed", "0x20", phase="exec"),
     _series("tdx3", "tdx_preflight_kexec_allowed", "1x20", phase="load"),
     _series("tdx3", "tdx_preflight_td_guests", "2x20"),
-    _series("tdx3", "tdx_preflight_check_status", "1x20", check="guests.td", status="fail"),
+    _status("tdx3", "1x20", "exec", "guests.td", "fail"),
     _series("tdx3", "tdx_preflight_last_check_timestamp_seconds", "0+60x20"),
+    # tdx4: a healthy idle host whose daemon rewrites its file every minute, beside a CLI file
+    # from one `check --phase crash` at t=0 that blocked: neither is an alert.
+    _series("tdx4", "tdx_preflight_kexec_allowed", "1x20", phase="exec"),
+    _series("tdx4", "tdx_preflight_kexec_allowed", "1x20", phase="load"),
+    _series("tdx4", "tdx_preflight_td_guests", "0x20"),
+    _series("tdx4", "tdx_preflight_last_check_timestamp_seconds", "0+60x20"),
+    _series("tdx4", "tdx_preflight_kexec_allowed", "0x20", source="cli", phase="crash"),
+    _series("tdx4", "tdx_preflight_kexec_allowed", "0x20", source="cli", phase="exec"),
+    _series("tdx4", "tdx_preflight_td_guests", "1x20", source="cli"),
+    _series("tdx4", "tdx_preflight_last_check_timestamp_seconds", "0x20", source="cli"),
 ]  # fmt: skip
 
 PROMTOOL_EXPECTED = [
@@ -715,9 +846,9 @@ PROMTOOL_EXPECTED = [
         [
             _alert(
                 "tdx1", "warning", "tdx-preflight metrics on tdx1 are stale",
-                "The last check on tdx1 is 16m 0s old. The tdx-preflight daemon is down or stuck "
-                "(`systemctl status tdx-preflight`), so the kexec alerts for this host describe "
-                "the past.",
+                "The daemon's last metrics on tdx1 are 16m 0s old. The tdx-preflight daemon is "
+                "down or stuck (`systemctl status tdx-preflight`), so the kexec alerts for this "
+                "host describe the past.",
             )
         ],
     ),
@@ -751,97 +882,7 @@ def test_every_alert_is_unit_tested() -> None:
     }
 
 
-# --- install_integrations -------------------------------------------------------------------
-
-
-@pytest.fixture
-def strict_umask() -> Iterator[None]:
-    old = os.umask(0o077)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.lstat().st_mode)
-
-
-def test_install_puts_every_file_in_place(tmp_path: Path, strict_umask: None) -> None:
-    prefix = tmp_path / "root"
-    pairs = install_integrations(str(prefix))
-    assert pairs == [(str(REPO / s.source), str(prefix / s.destination)) for s in SHIPPED]
-    expected = {
-        "etc/systemd/system/tdx-preflight.service": 0o644,
-        "etc/systemd/system/kexec-load.service.d/tdx-preflight.conf": 0o644,
-        "etc/systemd/system/kdump.service.d/tdx-preflight.conf": 0o644,
-        "etc/systemd/system/kdump-tools.service.d/tdx-preflight.conf": 0o644,
-        "usr/local/sbin/kexec-gated": 0o755,
-        "etc/prometheus/rules/tdx-preflight-rules.yaml": 0o644,
-        "etc/tdx-preflight/config.yaml": 0o644,
-    }
-    installed = {str(p.relative_to(prefix)): _mode(p) for p in prefix.rglob("*") if not p.is_dir()}
-    assert installed == expected
-    for source, destination in pairs:
-        assert Path(destination).read_bytes() == Path(source).read_bytes()
-    for directory in (p for p in prefix.rglob("*") if p.is_dir()):
-        assert _mode(directory) == 0o755, directory
-    # The installed wrapper runs as the file it is.
-    assert os.access(prefix / "usr/local/sbin/kexec-gated", os.X_OK)
-
-
-def test_install_dry_run_writes_nothing(tmp_path: Path) -> None:
-    prefix = tmp_path / "root"
-    planned = install_integrations(str(prefix), dry_run=True)
-    assert not prefix.exists()
-    prefix.mkdir()
-    assert install_integrations(str(prefix), dry_run=True) == planned
-    assert list(prefix.iterdir()) == []
-    assert install_integrations(str(prefix)) == planned
-
-
-def test_install_keeps_the_operators_config(tmp_path: Path) -> None:
-    prefix = tmp_path / "root"
-    config = prefix / "etc/tdx-preflight/config.yaml"
-    config.parent.mkdir(parents=True)
-    config.write_text("block_on_warn: [postkexec.tdx]\n")
-    config.chmod(0o600)
-    for dry_run in (True, False):
-        pairs = install_integrations(str(prefix), dry_run=dry_run)
-        assert str(config) not in {d for _, d in pairs}
-        assert len(pairs) == len(SHIPPED) - 1
-    assert config.read_text() == "block_on_warn: [postkexec.tdx]\n"
-    assert _mode(config) == 0o600
-    assert [p.name for p in config.parent.iterdir()] == ["config.yaml"]  # no temporary left
-
-    # A dangling symlink is the operator's too.
-    config.unlink()
-    config.symlink_to(tmp_path / "elsewhere.yaml")
-    install_integrations(str(prefix))
-    assert config.is_symlink() and not (tmp_path / "elsewhere.yaml").exists()
-
-
-def test_install_replaces_its_own_files(tmp_path: Path) -> None:
-    prefix = tmp_path / "root"
-    install_integrations(str(prefix))
-    wrapper = prefix / "usr/local/sbin/kexec-gated"
-    wrapper.write_text("stale\n")
-    wrapper.chmod(0o600)
-    install_integrations(str(prefix))
-    assert wrapper.read_bytes() == WRAPPER.read_bytes() and _mode(wrapper) == 0o755
-
-
-def test_install_without_the_shipped_files_says_so(tmp_path: Path) -> None:
-    partial = tmp_path / "tree"
-    (partial / "systemd").mkdir(parents=True)
-    shutil.copy(REPO / "systemd/tdx-preflight.service", partial / "systemd")
-    prefix = tmp_path / "root"
-    with pytest.raises(IntegrationFilesMissing) as raised:
-        install_integrations(str(prefix), source_root=partial)
-    assert isinstance(raised.value, FileNotFoundError)
-    assert "config/kexec-wrapper.sh" in str(raised.value) and str(partial) in str(raised.value)
-    assert "systemd/tdx-preflight.service" not in raised.value.missing
-    assert not prefix.exists()
+# --- what ships ----------------------------------------------------------------------------
 
 
 def test_every_shipped_drop_in_is_installed() -> None:

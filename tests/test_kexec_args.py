@@ -182,7 +182,7 @@ def test_the_wrapper_reads_no_argument_itself() -> None:
     """One parser: the wrapper hands kexec's arguments to the hook untouched."""
     text = WRAPPER.read_text()
     code = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    assert '"$preflight" hook -- "$@" >&2' in code
+    assert any('"$preflight" hook -- "$@" 2>&1 1>&3' in line for line in code)
     assert not [line for line in code if "case $arg" in line or "getopt" in line or "shift" in line]
 
 

@@ -19,14 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import console_script
+from conftest import console_script, run_cli
 
 from tdx_preflight.daemon.notify import MAX_DATAGRAM, Notifier
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "tdx-preflight.service"
 # What `systemd-analyze security --offline=true` reported for the unit (systemd 252); the unit's
 # header comment says the same. Lower it when the unit gets tighter; never raise it silently.
-MAX_EXPOSURE = 2.5
+# 2.5 -> 2.6: ProtectHome=read-only instead of yes, so an install under /root or /home runs.
+MAX_EXPOSURE = 2.6
 
 
 # --- the unit -------------------------------------------------------------------------------
@@ -66,6 +67,13 @@ def unit(tmp_path: Path) -> Path:
         flags=re.MULTILINE,
     )
     assert count == 1, "the unit should have exactly one ExecStart= line"
+    text, count = re.subn(
+        r"^ExecReload=/usr/local/bin/tdx-preflight ",
+        f"ExecReload={console_script()} ",
+        text,
+        flags=re.MULTILINE,
+    )
+    assert count == 1, "ExecReload= runs `tdx-preflight reload`"
     copy = tmp_path / UNIT.name
     copy.write_text(text)
     return copy
@@ -118,11 +126,25 @@ def test_unit_keeps_what_the_daemon_needs() -> None:
         "DeviceAllow=char-cpu/msr r",
         "DeviceAllow=/dev/kmsg r",
         "RuntimeDirectory=tdx-preflight",
+        "ProtectHome=read-only",  # =yes hides a venv under /root or /home (203/EXEC)
+        "RestartPreventExitStatus=2",  # a configuration error stops; restarts cannot fix it
     ):
         assert needed in settings, needed
 
 
 # --- sd_notify ------------------------------------------------------------------------------
+
+
+def test_a_configuration_error_stops_the_daemon_loudly(tmp_path: Path) -> None:
+    # Exit 2 (which the unit does not restart) with a journald CRIT line naming FILE:LINE.
+    config = tmp_path / "config.yaml"
+    config.write_text("reconcile_interval: 60\nreconcile_intervall: 30\n")
+    run = run_cli("daemon", "--config", str(config))
+    assert run.code == 2, run.stderr
+    assert run.stdout == ""
+    [line] = run.stderr.splitlines()
+    assert line.startswith(f"<2>invalid configuration, not starting: {config}:2: "), line
+    assert "systemctl restart tdx-preflight" in line
 
 
 def _bound(address: str | bytes) -> socket.socket:

@@ -91,6 +91,8 @@ class Daemon:
         self.facts: HostFacts | None = None
         self.report: Report | None = None
         self.last_reconcile: dict[str, Any] = {}
+        #: Bumped by every SIGHUP once handled; error: why the new configuration was refused.
+        self.reload: dict[str, Any] = {"generation": 0, "at": None, "error": None}
         self._stop = asyncio.Event()
         self._refresh_wanted = asyncio.Event()
         self._reconcile_wanted: str | None = None
@@ -149,6 +151,7 @@ class Daemon:
             asyncio.create_task(self._refresher(), name="refresh"),
             asyncio.create_task(self._reconciler(), name="reconcile"),
             asyncio.create_task(self._state_writer(), name="state"),
+            asyncio.create_task(self._metrics_heartbeat(), name="metrics"),
         ]
         self._start_timer()
         if self.notifier.watchdog_interval:
@@ -179,8 +182,17 @@ class Daemon:
             policy = load(self.config_path)
         except ConfigError as exc:
             log.error("reload: invalid configuration, keeping the old one: %s", exc)
+            error: str | None = str(exc)
         else:
             self._apply_policy(policy)
+            error = None
+        # Published in status only once applied: `tdx-preflight reload` waits for it.
+        self.reload = {
+            "generation": self.reload["generation"] + 1,
+            "at": rfc3339(time.time()),
+            "error": error,
+        }
+        self._changed()
         self.request_reconcile("SIGHUP")
 
     def _apply_policy(self, policy: Policy) -> None:
@@ -458,11 +470,24 @@ class Daemon:
         self.report = self._current()
         self.notifier.status(status_line(self.report, self.ledger))
         await self._update_inhibitor()
-        if self.policy.metrics_file:
-            reports = [self._evaluate(p) for p in ("load", "exec", "crash")]
-            err = await asyncio.to_thread(write_metrics, self.policy.metrics_file, reports)
-            if err:
-                log.warning("metrics: %s", err)
+        await self._write_metrics()
+
+    async def _write_metrics(self) -> None:
+        """Rewrite the metrics file (every phase) from the facts and the live ledger."""
+        if not self.policy.metrics_file or self.facts is None:
+            return
+        reports = [self._evaluate(p) for p in ("load", "exec", "crash")]
+        err = await asyncio.to_thread(write_metrics, self.policy.metrics_file, reports, "daemon")
+        if err:
+            log.warning("metrics: %s", err)
+
+    async def _metrics_heartbeat(self) -> None:
+        """Rewrite the metrics at least every metrics_interval, changes or not: on an idle
+        host (reconcile_interval 0, no VM events) the timestamp would otherwise age until the
+        stale alert fired on a healthy daemon."""
+        while True:
+            await asyncio.sleep(self.policy.metrics_interval)
+            await self._write_metrics()
 
     @staticmethod
     async def _quiet(wanted: asyncio.Event, pause: float) -> None:
@@ -589,6 +614,7 @@ class Daemon:
             "health": own_health(),
             "last_reconcile": self.last_reconcile,
             "events": self.events,
+            "reload": dict(self.reload),
             "uevent_rcvbuf": self.source.effective_rcvbuf,
             "inhibitor": {
                 "enabled": self.policy.inhibit_shutdown,
