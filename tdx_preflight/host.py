@@ -327,6 +327,43 @@ class Host:
                 return Problem("malformed", path, "not a symlink")
             return problem_from_oserror(path, exc)
 
+    def readlinks(self, rel: str) -> dict[str, str | Problem] | Problem:
+        """Every entry of directory `rel` with its symlink target, or the Problem of each
+        entry that is not one ("malformed": not a symlink; "absent": gone since the
+        listing). The directory is opened once: a /proc/PID/fd scan of a large host
+        costs one open per process, not one per descriptor."""
+        if self.live or self.unreadable:
+            names = self.listdir(rel)
+            return names if isinstance(names, Problem) else self._each_readlink(rel, names)
+        try:
+            fd = self._open(rel, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            return problem_from_oserror(self.display(rel), exc)
+        out: dict[str, str | Problem] = {}
+        try:
+            try:
+                names = os.listdir(fd)
+            except OSError as exc:
+                return problem_from_oserror(self.display(rel), exc)
+            for name in names:
+                try:
+                    # A name inside the opened directory: nothing to resolve, nothing to leave.
+                    out[name] = os.readlink(name, dir_fd=fd)
+                except OSError as exc:
+                    path = self.display(f"{rel}/{name}")
+                    out[name] = (
+                        Problem("malformed", path, "not a symlink")
+                        if exc.errno == errno.EINVAL
+                        else problem_from_oserror(path, exc)
+                    )
+        finally:
+            os.close(fd)
+        return out
+
+    def _each_readlink(self, rel: str, names: list[str]) -> dict[str, str | Problem]:
+        """readlinks by one readlink per entry (the live root; overlays; recording)."""
+        return {name: self.readlink(f"{rel}/{name}") for name in names}
+
     # -- streamed and device reads ----------------------------------------------
 
     def find_symbols(self, rel: str, names: Iterable[str]) -> set[str] | Problem:

@@ -165,6 +165,11 @@ class RecordingHost(Host):
                     self.listed_types.setdefault(f"{rel}/{name}", self.is_dir(f"{rel}/{name}"))
         return result
 
+    def readlinks(self, rel: str) -> dict[str, str | Problem] | Problem:
+        # One recorded listing and one recorded readlink per entry: the tree needs both.
+        names = self.listdir(rel)
+        return names if isinstance(names, Problem) else self._each_readlink(rel, names)
+
     def readlink(self, rel: str) -> str | Problem:
         result = super().readlink(rel)
         self._keep(rel, "readlink", result, rel in self.links)

@@ -139,7 +139,7 @@ def kvm_fds(host: Host, pid: int) -> KvmFds | Problem:
     lives, a descriptor that is not a symlink, a kvm link that does not parse).
     """
     rel = f"proc/{pid}/fd"
-    fds = host.listdir(rel)
+    fds = host.readlinks(rel)
     if isinstance(fds, Problem):
         if fds.kind == "absent" and host.exists(f"proc/{pid}"):
             return Problem(
@@ -148,8 +148,7 @@ def kvm_fds(host: Host, pid: int) -> KvmFds | Problem:
         return fds
     vm: set[int] = set()
     vcpus: dict[int, list[int]] = {}
-    for fd in fds:
-        link = host.readlink(f"{rel}/{fd}")
+    for fd, link in fds.items():
         if isinstance(link, Problem):
             if link.kind == "absent":
                 continue  # closed since the listing
