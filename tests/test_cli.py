@@ -56,7 +56,7 @@ def test_guests_text_and_json(tmp_path: Path) -> None:
         "method": "debugfs+proc",
         "complete": True,
         "problem": None,
-        "notes": [],
+        "notes": ["/proc read in the 2 processes debugfs names"],
     }
     assert {(g["pid"], g["kind"], g["name"]) for g in data["guests"]} == {
         (4242, "td", "td1"),

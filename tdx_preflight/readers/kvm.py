@@ -204,11 +204,15 @@ def _from_debugfs(
     return vms, bad, []
 
 
-def _from_proc(host: Host, partial: bool = False) -> Enumeration:
+def _from_proc(
+    host: Host, partial: bool = False, only: frozenset[int] | None = None
+) -> Enumeration:
+    """The kvm-vm and vCPU descriptors of every process (or of the processes `only`)."""
     if partial:
         why = "a foreign PID namespace: /proc shows only part of the host"
         return Enumeration(None, (), Problem("partial", host.display("proc"), why), unseen=None)
-    entries = host.listdir("proc")
+    entries: list[str] | Problem
+    entries = host.listdir("proc") if only is None else [str(p) for p in sorted(only)]
     if isinstance(entries, Problem):
         return Enumeration(None, (), entries, unseen=None)
     vms: list[VmHandle] = []
@@ -292,18 +296,29 @@ def _union(debugfs: list[VmHandle], proc: tuple[VmHandle, ...]) -> tuple[list[Vm
 def enumerate_vms(host: Host, proc_partial: bool = False) -> Enumeration:
     """The union of the debugfs kvm directories and a scan of proc/*/fd (kvm-vm and vCPU fds).
 
-    Either source alone still enumerates (method "debugfs" or "proc"); an
+    With debugfs listable, /proc is read in the processes debugfs names (see the
+    comment below: that is where a VM debugfs misses can be); without it, in every
+    process. Either source alone still enumerates (method "debugfs" or "proc"); an
     unparsable debugfs name or a process whose descriptors cannot be listed
     makes the enumeration incomplete (`problem` set); neither source: method None.
     `proc_partial` (a foreign PID namespace) leaves /proc out: it shows only part
     of the host, and its numbers are not the host's (debugfs TIDs are not mapped).
     """
     names = host.listdir(DEBUGFS_KVM)
-    proc = _from_proc(host, proc_partial)
     if isinstance(names, Problem):
+        proc = _from_proc(host, proc_partial)
         note = f"debugfs not used: {names}"
         return proc._replace(notes=(*proc.notes, note))
     debugfs, bad, notes = _from_debugfs(host, names, map_tids=not proc_partial)
+    # debugfs misses a VM only when its name TID-FD was taken (KVM logs "duplicate
+    # directory"): by a VM of the same creating thread, whose process debugfs names.
+    # /proc is read in those processes, unless a name does not parse or a creating
+    # thread has exited (its VMs' holders are then looked for everywhere).
+    named = frozenset(d.pid for d in debugfs if d.pid is not None)
+    whole = bool(bad) or any(d.pid is None for d in debugfs)
+    proc = _from_proc(host, proc_partial, None if whole else named)
+    if not whole:
+        notes.append(f"/proc read in the {len(named)} processes debugfs names")
     # debugfs lists every VM of the host even when /proc shows only part of it.
     problem = None if proc_partial else proc.problem
     unseen = frozenset() if proc_partial else proc.unseen
