@@ -147,7 +147,8 @@ def in_mount_namespace(cmd: list[str], debugfs: bool) -> list[str]:
     (debugfs False) or a fresh debugfs mount (True); the process keeps its pid
     (unshare and sh exec into it)."""
     if debugfs:
-        setup = "mount -t debugfs debugfs /sys/kernel/debug"
+        # Mounted already when the machine has it (the namespace inherits the mount).
+        setup = "[ -d /sys/kernel/debug/kvm ] || mount -t debugfs debugfs /sys/kernel/debug"
     else:
         setup = (
             "if [ -d /sys/kernel/debug ]; then "

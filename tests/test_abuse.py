@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import resource
 import signal
 import socket
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import kvm_usable
-from daemonproc import DaemonProc, entries
+from daemonproc import DaemonProc, debugfs_kvm_names, entries
 
 needs_kvm = pytest.mark.skipif(kvm_usable() is not None, reason=str(kvm_usable()))
 VM_ARGS = ("-accel", "kvm", "-name", "guest=abuse,debug-threads=on")
@@ -123,15 +121,14 @@ def test_kill_9_during_a_burst_then_restart_matches_the_kernel(kvm_holder) -> No
         assert done.is_set()
     finally:
         d.cleanup()
-    d2 = DaemonProc()  # restart: the socket and state file left behind are taken over
+    # Restart (with debugfs in its namespace, to compare TID-FD with the kernel's own
+    # names): the socket and state file left behind are taken over.
+    d2 = DaemonProc(debugfs=True)
     try:
         st = d2.wait_for(lambda s: len(entries(s, h.pid)) == 40)
         assert sorted(e["vm_fd"] for e in entries(st, h.pid)) == sorted(h.fds)
-        kvm_dir = "/sys/kernel/debug/kvm"
-        if os.path.isdir(kvm_dir):
-            truth = {n for n in os.listdir(kvm_dir) if re.fullmatch(r"\d+-\d+", n)}
-            live = [e for k in ("tds", "vms", "unknown") for e in st["live"][k]]
-            assert {f"{e['tid']}-{e['vm_fd']}" for e in live} == truth
+        live = [e for k in ("tds", "vms", "unknown") for e in st["live"][k]]
+        assert {f"{e['tid']}-{e['vm_fd']}" for e in live} == debugfs_kvm_names()
     finally:
         d2.cleanup()
 

@@ -145,7 +145,9 @@ def test_vm_from_an_exited_thread_is_found_without_help(daemon, kvm_holder, debu
     d = daemon(debugfs=debugfs)
     h = kvm_holder(*VM_ARGS, thread=True)  # the creating thread exits at once
     # No SIGHUP: when the thread cannot be mapped to its process, the daemon scans.
-    st = d.wait_for(lambda s: any(e["vm_fd"] == h.fds[0] for e in entries(s, h.pid)))
+    st = d.wait_for(
+        lambda s: any(e["vm_fd"] == h.fds[0] and e["kind"] != "unknown" for e in entries(s, h.pid))
+    )
     [e] = entries(st, h.pid)
     assert (e["tid"], e["kind"], e["name"]) == (h.tid, "vm", "plain-d")
     assert len(all_live(st)) == len(proc_kvm_vms())
