@@ -14,6 +14,7 @@ from .checks import PHASES, REGISTRY
 from .cliadmin import ADMIN_COMMANDS
 from .clioptions import StrictGroup, common
 from .report import EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_USAGE
+from .schema import NAMES as SCHEMA_NAMES
 
 _metrics_option = click.option(
     "--metrics-file",
@@ -647,6 +648,19 @@ def snapshot(root: str | None, config_path: str | None, output: str, keep_cmdlin
             "SNAPSHOT.json lists the reads a tree cannot reproduce (as root there are fewer)",
             err=True,
         )
+
+
+@cli.command("schema")
+@click.argument("name", type=click.Choice(SCHEMA_NAMES), default="report")
+def schema_(name: str) -> None:
+    """Print the JSON Schema (draft 2020-12) of a --format json output.
+
+    report: check, hook and exec; guests; status. The files ship inside the
+    package (tdx_preflight/schema/NAME.schema.json).
+    """
+    from .schema import text
+
+    click.echo(text(name), nl=False)
 
 
 for _command in ADMIN_COMMANDS:
