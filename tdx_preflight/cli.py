@@ -84,11 +84,12 @@ def _setup(root: str | None, config_path: str | None, *, daemon: bool = False) -
     from .snapshot import SnapshotError, captured_unreadable, extract_snapshot
 
     try:
-        if snapshot:
+        archive = host_root if snapshot else None
+        if archive:
             # Removed at exit and on SIGTERM, SIGHUP and SIGINT; `exec` removes it first.
-            host_root = extract_snapshot(host_root)
+            host_root = extract_snapshot(archive)
         # What could not be read at capture stays unreadable (the manifest lists it).
-        return Host(host_root, captured_unreadable(host_root)), policy
+        return Host(host_root, captured_unreadable(host_root), source=archive), policy
     except SnapshotError as exc:
         click.echo(f"tdx-preflight: {exc}", err=True)
         sys.exit(EXIT_USAGE)
