@@ -14,6 +14,7 @@ from .checks import PHASES, REGISTRY
 from .cliadmin import ADMIN_COMMANDS
 from .clioptions import StrictGroup, common
 from .report import EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_USAGE
+from .schema import NAMES as SCHEMA_NAMES
 
 _metrics_option = click.option(
     "--metrics-file",
@@ -83,11 +84,12 @@ def _setup(root: str | None, config_path: str | None, *, daemon: bool = False) -
     from .snapshot import SnapshotError, captured_unreadable, extract_snapshot
 
     try:
-        if snapshot:
+        archive = host_root if snapshot else None
+        if archive:
             # Removed at exit and on SIGTERM, SIGHUP and SIGINT; `exec` removes it first.
-            host_root = extract_snapshot(host_root)
+            host_root = extract_snapshot(archive)
         # What could not be read at capture stays unreadable (the manifest lists it).
-        return Host(host_root, captured_unreadable(host_root)), policy
+        return Host(host_root, captured_unreadable(host_root), source=archive), policy
     except SnapshotError as exc:
         click.echo(f"tdx-preflight: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -647,6 +649,19 @@ def snapshot(root: str | None, config_path: str | None, output: str, keep_cmdlin
             "SNAPSHOT.json lists the reads a tree cannot reproduce (as root there are fewer)",
             err=True,
         )
+
+
+@cli.command("schema")
+@click.argument("name", type=click.Choice(SCHEMA_NAMES), default="report")
+def schema_(name: str) -> None:
+    """Print the JSON Schema (draft 2020-12) of a --format json output.
+
+    report: check, hook and exec; guests; status. The files ship inside the
+    package (tdx_preflight/schema/NAME.schema.json).
+    """
+    from .schema import text
+
+    click.echo(text(name), nl=False)
 
 
 for _command in ADMIN_COMMANDS:

@@ -108,7 +108,7 @@ def read_target(host: Host, image: str) -> TargetKernel:
 
 
 class HostFacts(NamedTuple):
-    root: str
+    root: str  # as the user named it: a replayed snapshot's archive, not its extraction
     live: bool
     cpuinfo: cpuinfo.CpuInfo | Problem
     online: list[int] | Problem
@@ -290,7 +290,7 @@ def gather(
     use = with_td_guests(use, guests)
     kallsyms = kernel.read_kallsyms(host) if full and use.evaluated else None
     return HostFacts(
-        root=host.root,
+        root=host.source,
         live=host.live,
         cpuinfo=cpu,
         online=online,

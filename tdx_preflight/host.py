@@ -131,8 +131,12 @@ class Host:
         self,
         root: str | os.PathLike[str] = "/",
         unreadable: Mapping[str, tuple[ProblemKind, str]] | None = None,
+        source: str | None = None,
     ) -> None:
         self.root = os.path.abspath(os.fspath(root))
+        #: What a person named as the root: the snapshot archive a replay extracted
+        #: into `root`, else `root` itself. Reports show it; reads use `root`.
+        self.source = os.path.abspath(source) if source else self.root
         self.unreadable = dict(unreadable or {})
         self.live = self.root == "/"
         self._prefix = "/" if self.live else self.root.rstrip("/") + "/"

@@ -1,7 +1,9 @@
-"""Shared test helpers: the installed console script as a subprocess, KVM holders."""
+"""Shared test helpers: the installed console script as a subprocess (whose JSON output is
+validated against the shipped schema), KVM holders."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -38,9 +40,56 @@ class Run:
         return json.loads(self.stdout)
 
 
+#: Which shipped schema a command's --format json output follows.
+SCHEMA_OF = {"check": "report", "hook": "report", "exec": "report"} | {
+    name: name for name in ("guests", "status")
+}
+
+
+@functools.cache
+def schema_validator(name: str) -> Any:
+    """A validator for tdx_preflight/schema/NAME.schema.json, the others registered for $ref."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    from tdx_preflight import schema
+
+    docs = {n: schema.load(n) for n in schema.NAMES}
+    registry = Registry().with_resources(
+        (doc["$id"], Resource.from_contents(doc)) for doc in docs.values()
+    )
+    cls = jsonschema.validators.validator_for(docs[name])
+    cls.check_schema(docs[name])
+    return cls(docs[name], registry=registry)
+
+
+def schema_errors(name: str, document: Any) -> list[str]:
+    """Every way `document` departs from schema `name`, one line each (empty: it conforms)."""
+    found = schema_validator(name).iter_errors(document)
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message[:300]}" for e in found]
+
+
+def _validate_output(args: tuple[str, ...], stdout: str) -> None:
+    """A command's stdout that is a JSON object must follow the command's schema."""
+    name = SCHEMA_OF.get(args[0]) if args else None
+    if name is None or not stdout.lstrip().startswith("{"):
+        return
+    try:
+        document = json.loads(stdout)
+    except ValueError:
+        return
+    errors = schema_errors(name, document)
+    if errors:
+        pytest.fail(
+            f"tdx-preflight {' '.join(args)}: output does not follow {name}.schema.json:\n"
+            + "\n".join(errors[:20])
+        )
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None
 ) -> Run:
+    """The console script as a subprocess; JSON it prints is checked against its schema."""
     proc = subprocess.run(
         [console_script(), *args],
         capture_output=True,
@@ -50,6 +99,7 @@ def run_cli(
         stdin=subprocess.DEVNULL,
         cwd=cwd,
     )
+    _validate_output(args, proc.stdout)
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
 

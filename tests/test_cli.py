@@ -130,7 +130,15 @@ def _options(name: str) -> set[str]:
     return {o for p in cli.commands[name].params for o in p.opts}
 
 
-@pytest.mark.parametrize("name", _command_names())
+#: Commands that take no option (and so cannot be given one twice): they read no host.
+OPTIONLESS = {"schema"}
+
+
+def test_every_command_but_the_optionless_takes_the_option_tested_twice() -> None:
+    assert {n for n in _command_names() if _an_option(n) not in _options(n)} == OPTIONLESS
+
+
+@pytest.mark.parametrize("name", sorted(set(_command_names()) - OPTIONLESS))
 def test_an_option_given_twice_is_a_usage_error(name: str, tmp_path: Path) -> None:
     # Before any work: no daemon starts, nothing is read, installed or written.
     opt = _an_option(name)

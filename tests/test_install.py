@@ -226,6 +226,13 @@ def wheel_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv / "bin/tdx-preflight"
 
 
+def test_the_wheel_carries_the_json_schemas(wheel_install: Path) -> None:
+    for name in ("report", "guests", "status"):
+        run = _run([str(wheel_install), "schema", name])
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == (REPO / "tdx_preflight/schema" / f"{name}.schema.json").read_text()
+
+
 def test_a_wheel_install_installs_and_uninstalls(wheel_install: Path, tmp_path: Path) -> None:
     prefix = tmp_path / "root"
     prefix.mkdir()

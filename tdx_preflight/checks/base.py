@@ -142,9 +142,20 @@ def check(
 
 
 def problem_remedy(kind: str, what: str) -> str:
-    """A fix hint chosen from why a read failed."""
+    """A fix hint chosen from why a read failed: what to do, not the problem again."""
     if kind == "permission":
         return f"Run as root (reading {what} needs privileges)."
     if kind == "absent":
-        return f"{what} is missing on this host."
-    return f"Check {what}: it could not be read correctly."
+        return (
+            "Run on the host itself with proc mounted on /proc and sysfs on /sys (a container "
+            f"or chroot may lack {what}), then run again."
+        )
+    return (
+        f"Look at {what} (the summary says what is wrong with it: an I/O error, or contents "
+        "not in the kernel's format); fix the mount or the file, then run again."
+    )
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 TD`, `2 TDs`: a count with its noun, for summaries a person reads."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -7,7 +7,7 @@ from typing import Any
 from ..facts import HostFacts
 from ..host import Problem
 from ..readers.kvm import Guest
-from .base import Outcome, check
+from .base import Outcome, check, plural
 
 
 def _names(guests: list[Guest]) -> str:
@@ -121,7 +121,7 @@ def guests_td(facts: HostFacts, phase: str) -> Outcome:
         who = f": {_names(tds)}" if tds else f" (root misc.current tdx {cur})"
         outcome = Outcome(
             "fail",
-            f"{count} TD guest{'s' if count != 1 else ''} alive{who}",
+            f"{plural(count, 'TD guest')} alive{who}",
             evidence,
             "Shut down or migrate these TD guests before kexec (virsh shutdown NAME, or stop "
             "the VMM); `tdx-preflight guests` shows when they are gone.",
@@ -130,7 +130,8 @@ def guests_td(facts: HostFacts, phase: str) -> Outcome:
         evidence["unknown"] = [_brief(g) for g in unknown]
         outcome = Outcome(
             "unknown",
-            f"{len(unknown)} VMs cannot be classified as TD or plain VM: {_names(unknown)}",
+            f"{plural(len(unknown), 'VM')} cannot be classified as TD or plain VM: "
+            f"{_names(unknown)}",
             evidence,
             f"{_misc_remedy(facts)} Or stop these VMs.",
         )
@@ -179,12 +180,13 @@ def guests_teardown(facts: HostFacts, phase: str) -> Outcome:
     if leaked:
         evidence["leaked_hkids"] = list(leaked)
     if isinstance(cur, int) and cur > 0:
-        reasons.append(f"root misc.current tdx {cur}: {cur} TD KeyIDs still held")
+        reasons.append(f"root misc.current tdx {cur}: {plural(cur, 'TD KeyID')} still held")
     ledger = facts.ledger
     if ledger is not None and ledger.tds_not_destroyed:
         evidence["ledger_live_tds"] = list(ledger.tds_not_destroyed)
         reasons.append(
-            f"the daemon saw {_n(len(ledger.tds_not_destroyed), 'TD')} created and never destroyed"
+            f"the daemon saw {plural(len(ledger.tds_not_destroyed), 'TD')} created and never "
+            "destroyed"
         )
     if leaked:
         reasons.append(
@@ -236,7 +238,7 @@ def guests_vm(facts: HostFacts, phase: str) -> Outcome:
         more = "" if e.complete else f" (and the list is not complete: {e.problem})"
         return Outcome(
             "warn",
-            f"{len(vms)} plain VM{'s' if len(vms) != 1 else ''} alive: {_names(vms)}{more}",
+            f"{plural(len(vms), 'plain VM')} alive: {_names(vms)}{more}",
             evidence,
             "Shut down or migrate these VMs if their work matters; kexec ends them.",
         )
@@ -249,8 +251,3 @@ def guests_vm(facts: HostFacts, phase: str) -> Outcome:
             _enum_remedy(facts),
         )
     return Outcome("pass", "no plain VM alive", evidence)
-
-
-def _n(count: int, noun: str) -> str:
-    """`1 TD`, `2 TDs`."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"

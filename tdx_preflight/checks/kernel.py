@@ -8,7 +8,7 @@ from ..facts import HostFacts
 from ..host import Problem
 from ..readers import kernel
 from . import derived
-from .base import Outcome, check, problem_remedy
+from .base import Outcome, check, plural, problem_remedy
 
 FIRST_FLUSHING_RELEASE = (6, 18)
 
@@ -64,26 +64,44 @@ def kernel_kexec(facts: HostFacts, phase: str) -> Outcome:
     k = facts.kexec
     evidence = _kexec_evidence(facts)
     tdx = facts.tdx_use.state == "yes"
-    outcome = _kexec_rules(k, phase, evidence, tdx, derived.kernel_remedy(facts))
+    outcome = _kexec_rules(k, phase, evidence, _no_kexec_remedy(facts), _no_kexec(facts))
     if not tdx:
         return outcome.at_worst_warn("TDX not in use: kexec-tools reports its own errors")
     return outcome
 
 
+#: kernel.kexec's fix when the crash phase finds no crash kernel support.
+NO_CRASH_REMEDY = "Boot a kernel built with CONFIG_CRASH_DUMP and a crashkernel= reservation."
+
+
+def _no_kexec(facts: HostFacts) -> str:
+    """What kernel.kexec sees when no kexec sysfs exists at all."""
+    loaded = facts.kexec.loaded
+    path = loaded.path if isinstance(loaded, Problem) else "sys/kernel/kexec_loaded"
+    tdx = facts.tdx_use.state == "yes"
+    why = " (a 6.8 to 6.17 kernel with TDX host support has none)" if tdx else ""
+    return f"neither sys/kernel/kexec/loaded nor {path} exists{why}"
+
+
+def _no_kexec_remedy(facts: HostFacts) -> str:
+    """What to boot when the running kernel has no kexec (kernel.kexec and kexec.image)."""
+    fix = "Boot a kernel built with kexec (CONFIG_KEXEC_CORE)."
+    if facts.tdx_use.state == "yes":
+        fix += f" On this TDX host: {derived.kernel_remedy(facts)}"
+    return fix
+
+
 def _kexec_rules(
-    k: kernel.KexecSysfs, phase: str, evidence: dict[str, Any], tdx: bool, upgrade: str
+    k: kernel.KexecSysfs, phase: str, evidence: dict[str, Any], no_kexec_fix: str, no_kexec: str
 ) -> Outcome:
     loaded = k.loaded
     if isinstance(loaded, Problem):
         if loaded.kind == "absent":
-            why = " (a 6.8 to 6.17 kernel with TDX host support has none)" if tdx else ""
             return Outcome(
                 "fail",
-                "the running kernel has no kexec support: neither sys/kernel/kexec/loaded nor "
-                f"{loaded.path} exists{why}",
+                f"the running kernel has no kexec support: {no_kexec}",
                 evidence,
-                "Boot a kernel built with kexec (CONFIG_KEXEC_CORE)."
-                + (f" On this TDX host: {upgrade}" if tdx else ""),
+                no_kexec_fix,
             )
         return Outcome(
             "unknown",
@@ -110,7 +128,9 @@ def _kexec_rules(
     cma = k.crash_cma_ranges
     if isinstance(cma, int) and cma > 0:
         return Outcome(
-            "pass", f"the running kernel supports kdump ({cma} crash CMA ranges)", evidence
+            "pass",
+            f"the running kernel supports kdump ({plural(cma, 'crash CMA range')})",
+            evidence,
         )
     if isinstance(cma, Problem) and cma.kind != "absent":
         return Outcome(
@@ -125,7 +145,7 @@ def _kexec_rules(
             "fail",
             f"no crash kernel support: {size.path} is absent",
             evidence,
-            "Boot a kernel built with CONFIG_CRASH_DUMP and a crashkernel= reservation.",
+            NO_CRASH_REMEDY,
         )
     return Outcome(
         "fail",
@@ -207,7 +227,9 @@ def kernel_cache_flush(facts: HostFacts, phase: str) -> Outcome:
     remedies={
         "warn": "exec: load a kernel first (kexec -l IMAGE --initrd=... --reuse-cmdline) or use "
         "systemctl kexec. crash: the new load replaces the loaded crash kernel.",
-        "unknown": "Check that sysfs is mounted and the kernel has kexec support.",
+        "unknown": "When kernel.kexec fails (the running kernel has no kexec sysfs), no "
+        "kernel can be loaded: boot one with kexec support (its fix). Otherwise make the "
+        "kexec sysfs files readable (is sysfs mounted on /sys?) and run again.",
     },
     skips={"load": "not applicable before loading a kernel"},
 )
@@ -215,6 +237,23 @@ def kexec_image(facts: HostFacts, phase: str) -> Outcome:
     k = facts.kexec
     evidence = _kexec_evidence(facts)
     value = k.loaded if phase == "exec" else k.crash_loaded
+    if isinstance(k.loaded, Problem) and k.loaded.kind == "absent":
+        # kernel.kexec fails on this: say so, not "cannot tell whether a kernel is loaded".
+        return Outcome(
+            "unknown",
+            "no kernel can be loaded: the running kernel has no kexec support "
+            f"({_no_kexec(facts)}; see kernel.kexec)",
+            evidence,
+            _no_kexec_remedy(facts),
+        )
+    if isinstance(value, Problem) and value.kind == "absent":
+        return Outcome(
+            "unknown",
+            "no crash kernel can be loaded: the running kernel has no crash kexec support "
+            f"({value.path} does not exist; see kernel.kexec)",
+            evidence,
+            NO_CRASH_REMEDY,
+        )
     if isinstance(value, Problem):
         return Outcome(
             "unknown",

@@ -8,7 +8,7 @@ from ..facts import HostFacts
 from ..host import Problem
 from ..readers import kernel, msr
 from . import derived
-from .base import Outcome, check, problem_remedy
+from .base import Outcome, check, plural, problem_remedy
 
 CODENAMES = {
     (6, 143): "Sapphire Rapids",
@@ -63,7 +63,7 @@ def platform_cpu(facts: HostFacts, phase: str) -> Outcome:
     what = f"{first.model_name or first.vendor} (family {first.family} model {first.model}"
     what += f", {name})" if name else ")"
     suffix = "" if info.is_intel else ": not Intel, TDX does not apply"
-    return Outcome("pass", f"{what}, {len(info.cpus)} CPUs{suffix}", evidence)
+    return Outcome("pass", f"{what}, {plural(len(info.cpus), 'CPU')}{suffix}", evidence)
 
 
 def _msr_evidence(m: msr.MsrFacts) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def _msr_warnings(facts: HostFacts, m: msr.MsrFacts) -> tuple[list[str], list[st
     if unlocked:
         warnings.append(
             f"SEAMRR enabled but not locked (MSR 0x1401 bit 11 set, bit 10 clear) on "
-            f"{len(unlocked)} CPUs (e.g. CPU {unlocked[0]})"
+            f"{plural(len(unlocked), 'CPU')} (e.g. CPU {unlocked[0]})"
         )
         remedies.append("Update or fix the BIOS: it must lock SEAMRR when it enables TDX.")
     unread = m.unavailable or next(iter(keyid.problems.values()), None)
@@ -146,8 +146,8 @@ def _msr_warnings(facts: HostFacts, m: msr.MsrFacts) -> tuple[list[str], list[st
     if use.state == "no" and tdx_keyids:
         why, fix = _not_used_because(facts)
         warnings.append(
-            f"the BIOS reserved {tdx_keyids} TDX KeyIDs (MSR 0x87) but the kernel does not "
-            f"use TDX: {why}"
+            f"the BIOS reserved {plural(tdx_keyids, 'TDX KeyID')} (MSR 0x87) but the kernel "
+            f"does not use TDX: {why}"
         )
         remedies.append(fix)
     return warnings, remedies, tdx_keyids
@@ -202,7 +202,7 @@ def platform_tdx(facts: HostFacts, phase: str) -> Outcome:
         return Outcome("warn", "; ".join(warnings), evidence, " ".join(dict.fromkeys(remedies)))
     if use.state == "yes":
         said = [k for k, v in use.sources.items() if v != "no" and not v.startswith("unread")]
-        keys = f", {tdx_keyids} TDX KeyIDs" if tdx_keyids else ""
+        keys = f", {plural(tdx_keyids, 'TDX KeyID')}" if tdx_keyids else ""
         return Outcome("pass", f"TDX in use ({', '.join(said)}){keys}", evidence)
     bios = "no TDX KeyIDs in MSR 0x87" if tdx_keyids == 0 else "no source reports TDX"
     return Outcome("pass", f"TDX not in use ({bios})", evidence)

@@ -9,7 +9,7 @@ from ..facts import HostFacts
 from ..host import Problem
 from ..readers import tdx
 from . import derived
-from .base import Outcome, Settings, check, problem_remedy
+from .base import Outcome, Settings, check, plural, problem_remedy
 
 
 def _log_evidence(facts: HostFacts) -> dict[str, Any]:
@@ -208,7 +208,7 @@ def errata_tdx_pw_mce(facts: HostFacts, phase: str, settings: Settings) -> Outco
         return Outcome("pass", "CPU not affected by the TDX partial-write erratum")
     evidence: dict[str, Any] = {"bug_cpus": e.bug_cpus, "models": list(e.models)}
     what = (
-        f"tdx_pw_mce on the bugs line of {e.bug_cpus} CPUs"
+        f"tdx_pw_mce on the bugs line of {plural(e.bug_cpus, 'CPU')}"
         if e.bug_cpus
         else f"{' and '.join(e.models)} with TDX in use"
     )

@@ -1,0 +1,88 @@
+"""Messages a user reads say what was seen and what to do (issue 11, "Messages"): each test
+runs the real CLI on a fixture host and reads what a new user would read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run_cli
+from hostbuilder import VmProc, build, qemu_td_cmdline, tdx_host
+
+
+def _checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["id"]: c for c in report["checks"]}
+
+
+@pytest.mark.parametrize("phase", ["exec", "crash"])
+def test_kexec_image_says_no_kernel_can_be_loaded_without_kexec(tmp_path: Path, phase: str) -> None:
+    """No kexec sysfs at all: kernel.kexec fails; kexec.image stays unknown (DESIGN.md) but
+    says that nothing can be loaded and gives kernel.kexec's fix, not "cannot tell"."""
+    spec = tdx_host(kexec_loaded=None, kexec_crash_loaded=None, kexec_crash_size=None)
+    root = build(tmp_path / "root", spec)
+    run = run_cli("check", "--root", str(root), "--phase", phase, "--format", "json")
+    checks = _checks(run.json())
+    kexec, image = checks["kernel.kexec"], checks["kexec.image"]
+    assert kexec["status"] == "fail" and "no kexec support" in kexec["summary"]
+    assert image["status"] == "unknown"
+    assert image["summary"].startswith("no kernel can be loaded: the running kernel has no kexec")
+    assert "see kernel.kexec" in image["summary"] and "cannot tell" not in image["summary"]
+    assert image["remedy"] == kexec["remedy"] and "CONFIG_KEXEC_CORE" in image["remedy"]
+    text = run_cli("check", "--root", str(root), "--phase", phase).stdout
+    assert "cannot tell whether a kernel is loaded" not in text
+
+
+def test_a_snapshot_replay_names_the_archive(tmp_path: Path) -> None:
+    root = build(tmp_path / "root", tdx_host(other_processes=0))
+    archive = tmp_path / "snap.tar.gz"
+    assert run_cli("snapshot", str(archive), "--root", str(root)).code == 0
+    report = run_cli("check", "--root", str(archive), "--format", "json").json()
+    assert report["host"]["root"] == str(archive)
+    header = run_cli("check", "--root", str(archive)).stdout.splitlines()[0]
+    assert f"root {archive}:" in header and "tdx-preflight-root-" not in header
+
+
+def test_an_absent_file_remedy_says_what_to_do(tmp_path: Path) -> None:
+    """A missing /proc/cpuinfo: the fix is about mounting /proc, not "X is missing"."""
+    root = build(tmp_path / "root", tdx_host(remove=["proc/cpuinfo"]))
+    report = run_cli("check", "--root", str(root), "--format", "json").json()
+    cpu = _checks(report)["platform.cpu"]
+    assert cpu["status"] == "unknown" and "does not exist" in cpu["summary"]
+    assert "missing on this host" not in cpu["remedy"]
+    assert "proc mounted on /proc" in cpu["remedy"]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        tdx_host(kexec_loaded=None, kexec_crash_loaded=None, kexec_crash_size=None),
+        tdx_host(remove=["proc/cpuinfo"]),
+        tdx_host(
+            processes=[VmProc(pid=4242, cmdline=qemu_td_cmdline("td1"), misc_tdx=1)],
+            misc_current={"tdx": 1},
+        ),
+    ],
+    ids=["no-kexec", "no-cpuinfo", "td-alive"],
+)
+def test_no_remedy_restates_its_summary(tmp_path: Path, spec: Any) -> None:
+    root = build(tmp_path / "root", spec)
+    for phase in ("load", "exec", "crash"):
+        report = run_cli("check", "--root", str(root), "--phase", phase, "--format", "json").json()
+        for c in report["checks"]:
+            if c["remedy"] is None:
+                continue
+            assert "is missing on this host" not in c["remedy"], c
+            assert c["summary"] not in c["remedy"], c
+
+
+def test_counts_of_one_are_singular(tmp_path: Path) -> None:
+    """One CPU, one TD, one KeyID held: "1 CPU", "1 TD guest", "1 TD KeyID"."""
+    td = VmProc(pid=4242, cmdline=qemu_td_cmdline("td1"), misc_tdx=1)
+    root = build(tmp_path / "root", tdx_host(cpus=1, processes=[td], misc_current={"tdx": 1}))
+    text = run_cli("check", "--root", str(root), "-v").stdout
+    assert re.search(r"Granite Rapids\), 1 CPU$", text, re.M) and "1 TD guest alive" in text
+    assert "root misc.current tdx 1: 1 TD KeyID still held" in text
+    plural_one = re.findall(r"\b1 (?:TD|VM|CPU|TD KeyID|TDX KeyID|TD guest|plain VM)s\b", text)
+    assert plural_one == []
