@@ -14,15 +14,15 @@ from typing import NamedTuple
 
 from ..facts import HostFacts
 from ..host import LARGE, Problem
-from ..readers import kvm, msr
+from ..readers import kvm, msr, vmclass
 from .record import RecordingHost
-from .redact import classified, minimal_libvirt_xml, pid_in_file, redact_cmdline
+from .redact import classified, minimal_libvirt_xml, parse_pid_file, redact_cmdline
 from .replay import MANIFEST
 
 _PROC_PID = re.compile(r"proc/(\d+)(?:/|$)")
 _PROC_FD = re.compile(r"proc/\d+/fd/[^/]+")
 _NEUTRAL_SYMBOLS = ("_stext", "_text", "startup_64", "tdx_preflight_snapshot_neutral")
-_LIBVIRT_XML = re.compile(re.escape(kvm.LIBVIRT_QEMU) + r"/[^/]+\.xml")
+_LIBVIRT_XML = re.compile(re.escape(vmclass.LIBVIRT_QEMU) + r"/[^/]+\.xml")
 
 
 class Node(NamedTuple):
@@ -240,8 +240,10 @@ def plan_tree(rec: RecordingHost, facts: HostFacts, keep_cmdlines: bool) -> tupl
             elif count:
                 notes.append(f"{rel}: kept unredacted (redaction would change how it classifies)")
         elif not keep_cmdlines and _LIBVIRT_XML.fullmatch(rel):
-            base = rel[: -len(".xml")]
-            small = minimal_libvirt_xml(data, pid_in_file(rec.files.get(base + ".pid")))
+            pid_rel = rel[: -len(".xml")] + ".pid"
+            pid_data = None if pid_rel in rec.truncated else rec.files.get(pid_rel)
+            pid_file = parse_pid_file(pid_data) if pid_data is not None else None
+            small = minimal_libvirt_xml(data, pid_file)
             if small is not None:
                 data = small
                 redacted[rel] = 1
