@@ -6,7 +6,7 @@ import os
 from typing import NamedTuple
 
 from .host import Host, Problem
-from .readers import cgroup, cpuinfo, kernel, kvm, msr, tdx, view
+from .readers import cgroup, cpuinfo, kernel, kvm, msr, tdx, view, vmclass
 
 
 class TdxUse(NamedTuple):
@@ -131,7 +131,7 @@ class HostFacts(NamedTuple):
     tdx_use: TdxUse
     module: TdxModule
     enumeration: kvm.Enumeration
-    guests: list[kvm.Guest]
+    guests: list[vmclass.Guest]
     ledger: Ledger | None = None
     target: TargetKernel | None = None
     #: sys/class/firmware/tdx_module (7.2+ runtime update); None: absent or not read.
@@ -198,7 +198,7 @@ def tdx_use(
     return TdxUse(state, sources, tuple(unreadable))
 
 
-def with_td_guests(use: TdxUse, guests: list[kvm.Guest]) -> TdxUse:
+def with_td_guests(use: TdxUse, guests: list[vmclass.Guest]) -> TdxUse:
     """TDX is in use when a VM is a TD on positive evidence (classification step 1)."""
     tds = [g for g in guests if g.kind == "td"]
     if use.state == "yes" or not tds:
@@ -286,7 +286,7 @@ def gather(
             cpus = [c.processor for c in cpu.cpus]
         msrs = msr.read_msrs(host, cpus or [0], load_msr_module)
     enumeration = kvm.enumerate_vms(host, proc_partial=pid_ns.foreign)
-    guests = kvm.classify(host, enumeration, use.state, root_tdx, misc)
+    guests = vmclass.classify(host, enumeration, use.state, root_tdx, misc)
     use = with_td_guests(use, guests)
     kallsyms = kernel.read_kallsyms(host) if full and use.evaluated else None
     return HostFacts(

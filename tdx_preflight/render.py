@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .readers.kvm import Guest
+from .readers.vmclass import Guest
 from .report import Report
 
 _COLOURS = {

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..facts import HostFacts
 from ..host import Problem
-from ..readers.kvm import Guest
+from ..readers.vmclass import Guest
 from .base import Outcome, check, plural
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from ..facts import Ledger as LedgerView
 from ..host import Problem
-from ..readers.kvm import Guest, VmHandle
+from ..readers.kvm import VmHandle
+from ..readers.vmclass import Guest
 
 #: A VM whose destroy event came this recently may still show in debugfs (the
 #: kernel removes the directory after the event): reconcile does not revive it yet.

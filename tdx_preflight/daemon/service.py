@@ -23,7 +23,7 @@ from ..host import Host, Problem
 from ..metrics import write_metrics
 from ..policy import ConfigError, Policy, load
 from ..procinfo import own_health
-from ..readers import kvm
+from ..readers import kvm, vmclass
 from ..report import Report, evaluate
 from .control import ControlServer, Peer, RequestError
 from .ledger import CREATE_GRACE, Entry, VmLedger, rfc3339
@@ -63,8 +63,8 @@ def status_line(report: Report | None, ledger: VmLedger) -> str:
     return f"{', '.join(parts)}: {word}"
 
 
-def _guest_of(e: Entry) -> kvm.Guest:
-    return kvm.Guest(
+def _guest_of(e: Entry) -> vmclass.Guest:
+    return vmclass.Guest(
         e.pid,
         e.tid,
         e.vm_fd if e.vm_fd is not None else -1,
@@ -340,7 +340,7 @@ class Daemon:
             entry.tid, entry.vm_fd if entry.vm_fd is not None else -1, entry.pid, "uevent create"
         )
         tdx_state = self.facts.tdx_use.state if self.facts else "no"
-        [g] = kvm.classify(
+        [g] = vmclass.classify(
             self.host, kvm.Enumeration("event", (handle,)), "no", Problem("absent", "", "not read")
         )
         entry.name = g.name

@@ -1,0 +1,121 @@
+"""Imports go one way: host root -> readers -> facts -> checks -> report -> renderers and
+gate, with the daemon and the commands on top (README.md, "Layout").
+
+Every module's layer comes from its folder or file name; every import in it (at the
+top, in a function, under TYPE_CHECKING) is read with `ast`. A module may import its
+own layer and the layers below, never one above. A module missing from LAYERS fails
+too: a new folder or top-level module says where it stands.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "tdx_preflight"
+
+#: Lowest first. The key is a module's first name below the package (its folder, or its
+#: file without .py); "" is the package's own __init__ (the version).
+ORDER: list[tuple[str, tuple[str, ...]]] = [
+    ("host", ("", "host")),
+    # procinfo reads the live process table through psutil: a reader that needs no root.
+    ("readers", ("readers", "procinfo")),
+    ("facts", ("facts",)),
+    ("checks", ("checks",)),
+    ("policy", ("policy",)),
+    ("report", ("report",)),
+    # What takes a report or the checks' phases further: output, the gate, snapshots.
+    ("renderers and gate", ("render", "metrics", "gate", "kexec_args", "snapshot")),
+    ("daemon", ("daemon",)),
+    ("commands", ("cli", "cliadmin", "clioptions", "integrations")),
+]
+LAYERS = {name: rank for rank, (_, names) in enumerate(ORDER) for name in names}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _layer_key(module: str) -> str:
+    """`tdx_preflight.readers.kvm` -> "readers"; `tdx_preflight` -> ""."""
+    parts = module.split(".")
+    assert parts[0] == "tdx_preflight", module
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _is_module(dotted: str) -> bool:
+    where = PACKAGE.parent.joinpath(*dotted.split("."))
+    return where.is_dir() or where.with_suffix(".py").is_file()
+
+
+def _imports(path: Path, source: str | None = None) -> list[tuple[int, str]]:
+    """(line, module) of every import of the package in the file, relative ones resolved."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    text = path.read_text(encoding="utf-8") if source is None else source
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(text, str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if node.module is None:
+                # `from . import x`: x is a module of its own, or a name of the package.
+                found += [
+                    (
+                        node.lineno,
+                        f"{target}.{a.name}" if _is_module(f"{target}.{a.name}") else target,
+                    )
+                    for a in node.names
+                ]
+            else:
+                found.append((node.lineno, target))
+    return [(line, m) for line, m in found if m.split(".")[0] == "tdx_preflight"]
+
+
+def _layer_of(module: str) -> int | None:
+    return LAYERS.get(_layer_key(module))
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_the_package_has_modules() -> None:
+    assert len(MODULES) > 30
+    assert {_layer_key(_module_name(p)) for p in MODULES} >= {"readers", "checks", "daemon"}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_go_down(path: Path) -> None:
+    module = _module_name(path)
+    key = _layer_key(module)
+    assert key in LAYERS, f"{module}: no layer in tests/test_layers.py ORDER; add it"
+    mine = LAYERS[key]
+    upward = []
+    for line, target in _imports(path):
+        theirs = _layer_of(target)
+        assert theirs is not None, f"{path.name}:{line}: {target} has no layer"
+        if theirs > mine:
+            upward.append(
+                f"{path.relative_to(PACKAGE)}:{line} imports {target} "
+                f"({ORDER[mine][0]} must not import {ORDER[theirs][0]})"
+            )
+    assert not upward, "\n".join(upward)
+
+
+def test_an_upward_import_is_caught() -> None:
+    # The rule itself: a reader importing the report inside a function is found.
+    source = "def f():\n    from ..report import Report\n    from .. import __version__, host\n"
+    found = _imports(PACKAGE / "readers" / "example.py", source)
+    assert [m for _, m in found] == ["tdx_preflight.report", "tdx_preflight", "tdx_preflight.host"]
+    assert _layer_of("tdx_preflight.report") > LAYERS["readers"]
+    assert _layer_of("tdx_preflight") == _layer_of("tdx_preflight.host") == 0
