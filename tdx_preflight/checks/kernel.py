@@ -237,7 +237,7 @@ def kexec_image(facts: HostFacts, phase: str) -> Outcome:
     k = facts.kexec
     evidence = _kexec_evidence(facts)
     value = k.loaded if phase == "exec" else k.crash_loaded
-    if isinstance(k.loaded, Problem) and k.loaded.kind == "absent":
+    if isinstance(value, Problem) and value.kind == "absent" and phase == "exec":
         # kernel.kexec fails on this: say so, not "cannot tell whether a kernel is loaded".
         return Outcome(
             "unknown",
