@@ -180,6 +180,18 @@ echo 'block_on_warn: []' >>/etc/tdx-preflight/config.yaml
 
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -q tdx-preflight
 snap >/tmp/after; state >/tmp/state.after
+
+# kexec-tools installed after tdx-preflight: the file trigger makes the diversion then.
+dpkg -r kexec-tools
+dpkg -i /tmp/tdx-preflight.deb
+! dpkg-divert --list | grep -q tdx-preflight
+DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/kexec-tools.deb
+dpkg-divert --list /sbin/kexec | grep -q 'to /sbin/kexec.distrib by tdx-preflight$'
+test "$(readlink /sbin/kexec)" = /usr/sbin/kexec-gated
+/sbin/kexec --version
+dpkg -P tdx-preflight
+test -f /sbin/kexec && ! test -L /sbin/kexec && ! dpkg-divert --list | grep -q tdx-preflight
+echo "trigger: diverted when kexec-tools came later"
 """
 
 #: Written by every dpkg and apt run, whatever the package (mmdebstrap empties apt's caches
@@ -235,6 +247,12 @@ def test_install_then_purge_leaves_the_root_as_it_was(deb: Path, tmp_path: Path)
     with tarfile.open(_base_root()) as tar:
         tar.extractall(root, filter="fully_trusted")
     shutil.copy(deb, root / "tmp/tdx-preflight.deb")
+    # kexec-tools' own .deb, to install it again after tdx-preflight (from the same archive
+    # the root came from; apt-get download writes only into its working directory).
+    fetched = _run(["apt-get", "download", "-q", "kexec-tools"], cwd=tmp_path, env=BUILD_ENV)
+    assert fetched.returncode == 0, fetched.stderr
+    (kexec_tools,) = tmp_path.glob("kexec-tools_*.deb")
+    shutil.copy(kexec_tools, root / "tmp/kexec-tools.deb")
     (root / "tmp/scenario.sh").write_text(SCENARIO)
     # Private mount and PID namespaces: the mounts go away with the process, on any exit.
     inner = (
@@ -261,3 +279,4 @@ def test_install_then_purge_leaves_the_root_as_it_was(deb: Path, tmp_path: Path)
     # The same kexec binary at /sbin/kexec, no diversion and no file trigger left.
     assert (root / "tmp/state.after").read_text() == (root / "tmp/state.before").read_text()
     assert "check exit" in run.stdout
+    assert "trigger: diverted when kexec-tools came later" in run.stdout
