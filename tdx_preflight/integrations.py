@@ -103,7 +103,9 @@ class IntegrationFilesMissing(FileNotFoundError):
             f"the integration files are not installed with this copy of tdx-preflight: "
             f"{', '.join(missing)} missing under {root}. They are package data of "
             f"tdx_preflight (shipped/): reinstall tdx-preflight (`pip install .` from the "
-            f"source tree)."
+            f"source tree). The Debian package leaves them out on purpose: it installs them "
+            f"itself (/lib/systemd/system, /usr/sbin/kexec-gated, /etc/tdx-preflight), so "
+            f"install-integrations is only for pip installs."
         )
 
 

@@ -5,15 +5,22 @@ destroy (virt/kvm/kvm_main.c, kvm_uevent_notify_change): EVENT, PID (the
 creating task, a thread id), COUNT (live VMs), CREATED (VMs since boot) and
 STATS_PATH (`/kvm/TID-FD`). Everything else on the socket is ignored.
 
-Lost events: an overflowing receive buffer makes recvfrom fail with ENOBUFS.
-pyroute2 0.9's asynchronous socket does not raise it; its protocol stores the
-error in `status['error']` and queues a bogus message. The synchronous
-UeventSocket raises ENOBUFS and stays broken. Both count as an overflow here:
-the caller reopens the socket and reconciles.
+The socket is the standard library's: a kernel uevent is one datagram,
+`ACTION@DEVPATH` then `KEY=VALUE` fields, each NUL-terminated
+(lib/kobject_uevent.c), read with asyncio's sock_recv. pyroute2 was used for
+this before; its asynchronous socket exists only from 0.9, and Debian 12 ships
+0.7.2, whose synchronous socket would block the event loop: nothing else of
+pyroute2 was used.
+
+Lost events: an overflowing receive buffer makes recv fail with ENOBUFS once,
+and a datagram that is not a well-formed uevent (a duplicated key, no header)
+is treated the same way: raise Overflow; the caller reopens the socket and
+reconciles, so nothing malformed is settled quietly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import re
@@ -22,6 +29,10 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, NamedTuple
 
 SO_RCVBUFFORCE = 33
+NETLINK_KOBJECT_UEVENT = 15
+#: UEVENT_BUFFER_SIZE is 2048 in the kernel; a datagram longer than this is truncated and
+#: then fails to parse.
+_RECV_SIZE = 8192
 KVM_DEVPATH = "/devices/virtual/misc/kvm"
 _STATS_PATH = re.compile(r"/kvm/(\d{1,10})-(\d{1,10})")
 
@@ -73,56 +84,78 @@ def parse_event(msg: Mapping[str, Any]) -> KvmEvent | None:
     )
 
 
+def parse_uevent(data: bytes) -> dict[str, str]:
+    """The fields of one kernel uevent datagram; raise ValueError when it is not one."""
+    header, sep, body = data.partition(b"\0")
+    if not sep or b"@" not in header or not body.endswith(b"\0"):
+        raise ValueError(f"not a kernel uevent: {data[:64]!r}")
+    fields: dict[str, str] = {}
+    for item in body[:-1].split(b"\0"):
+        key, eq, value = item.partition(b"=")
+        if not eq or not key:
+            raise ValueError(f"uevent field without a key: {item[:64]!r}")
+        name = key.decode("utf-8", "replace")
+        if name in fields:
+            raise ValueError(f"uevent names {name} twice")
+        fields[name] = value.decode("utf-8", "replace")
+    return fields
+
+
 class UeventSource:
     """The kernel's uevents, as KvmEvents; raises Overflow when events were lost."""
 
     def __init__(self, rcvbuf: int) -> None:
         self.rcvbuf = rcvbuf
-        self.sock: Any = None
+        self.sock: socket.socket | None = None
         #: What the receive buffer ended up as (the kernel doubles what it is asked).
         self.effective_rcvbuf: int | None = None
         self.forced: bool = False
 
     async def open(self) -> None:
-        from pyroute2.netlink.uevent import AsyncUeventSocket
-
-        sock = AsyncUeventSocket()
-        await sock.bind(groups=1)  # kernel events only, not udev's rebroadcast
+        sock = socket.socket(
+            socket.AF_NETLINK,
+            socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            NETLINK_KOBJECT_UEVENT,
+        )
         try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
-            self.forced = True
-        except OSError:
-            # Without CAP_NET_ADMIN the kernel caps SO_RCVBUF at net.core.rmem_max.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-            self.forced = False
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
+                self.forced = True
+            except OSError:
+                # Without CAP_NET_ADMIN the kernel caps SO_RCVBUF at net.core.rmem_max.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+                self.forced = False
+            sock.bind((0, 1))  # kernel events only, not udev's rebroadcast (group 2)
+        except BaseException:
+            sock.close()
+            raise
         self.effective_rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.sock = sock
 
     def close(self) -> None:
         if self.sock is not None:
             # Closing a broken socket must not fail the reopen.
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError):
                 self.sock.close()
             self.sock = None
 
     async def events(self) -> AsyncIterator[KvmEvent]:
         """Yield KVM events forever; raise Overflow when the kernel dropped some."""
         sock = self.sock
+        if sock is None:
+            raise RuntimeError("UeventSource.events() before open()")
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                async for msg in sock.get():
-                    self._check(sock)
-                    ev = parse_event(msg)
-                    if ev is not None:
-                        yield ev
+                data = await loop.sock_recv(sock, _RECV_SIZE)
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     raise Overflow(str(exc)) from None
                 raise
-            self._check(sock)
-
-    @staticmethod
-    def _check(sock: Any) -> None:
-        error = sock.status.get("error")
-        if error is not None:
-            raise Overflow(str(error))
+            try:
+                fields = parse_uevent(data)
+            except ValueError as exc:
+                raise Overflow(str(exc)) from None
+            ev = parse_event(fields)
+            if ev is not None:
+                yield ev

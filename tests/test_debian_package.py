@@ -1,0 +1,282 @@
+"""The Debian package, built for real from a copy of the tree and installed into a throwaway root.
+
+dpkg-buildpackage builds the .deb (debian/: dh, pybuild's pyproject plugin,
+dh_installsystemd) with Debian's own python3 and nothing from a venv; lintian
+must report no error; dpkg-deb shows what it holds. Then a Debian 12 root
+made by mmdebstrap (cached under .cache/, see BASE_PACKAGES) gets the .deb
+with `dpkg -i`, runs it, and `apt-get purge` must leave the same file list,
+the same kexec and no diversion. The root runs in its own mount and PID
+namespace (unshare), so this machine is never changed: the build tools come
+from README's test command (.ci/run), like every other dependency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".cache" / "debian-root"
+#: Debian's own python3 and tools: a venv's or pyenv's python must not build the package.
+BUILD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+#: The throwaway root holds the package's dependencies and kexec-tools before the install,
+#: so that the install and purge compared are the package's alone (and the diversion has a
+#: kexec to divert).
+BASE_PACKAGES = (
+    "python3-click",
+    "python3-yaml",
+    "python3-psutil",
+    "python3-jeepney",
+    "python3-prometheus-client",
+    "kexec-tools",
+)
+MIRRORS = (
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+)
+DEB_DEPENDS = (
+    "python3-click",
+    "python3-jeepney",
+    "python3-prometheus-client",
+    "python3-psutil",
+    "python3-yaml",
+)
+
+needs_build_tools = pytest.mark.skipif(
+    not all(shutil.which(t, path=BUILD_ENV["PATH"]) for t in ("dpkg-buildpackage", "lintian")),
+    reason="needs dpkg-buildpackage, dh-python, pybuild-plugin-pyproject and lintian "
+    "(README's test command installs them)",
+)
+
+
+def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """The build tools reach CI only through this command: README's and .ci/run's are one."""
+    readme = (REPO / "README.md").read_text().splitlines()
+    at = readme.index("# run the whole test suite (the same command CI runs: .ci/run)")
+    ci = (REPO / ".ci/run").read_text().rstrip("\n").splitlines()[-1]
+    assert readme[at + 1] == ci
+    assert "mmdebstrap" in ci and "pybuild-plugin-pyproject" in ci and "lintian" in ci
+    assert ci.count("apt-get install -y -qq --no-upgrade --no-install-recommends ") == 1
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .deb built by dpkg-buildpackage from a copy of the tree (tracked and new files)."""
+    work = tmp_path_factory.mktemp("debbuild")
+    src = work / "src"
+    files = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO)
+    assert files.returncode == 0, files.stderr
+    for name in filter(None, files.stdout.split("\0")):
+        source = REPO / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the working tree
+        target = src / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        else:
+            shutil.copy2(source, target)
+    env = {**BUILD_ENV, "HOME": str(work)}
+    build = _run(["nice", "-n", "10", "dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, env=env)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    (built,) = work.glob("tdx-preflight_*_all.deb")
+    return built
+
+
+@needs_build_tools
+def test_lintian_reports_no_error(deb: Path) -> None:
+    (changes,) = deb.parent.glob("tdx-preflight_*.changes")
+    out = _run(["lintian", "--tag-display-limit", "0", str(changes)], env=BUILD_ENV)
+    errors = [line for line in out.stdout.splitlines() if line.startswith("E:")]
+    assert errors == [], out.stdout
+
+
+@needs_build_tools
+def test_package_holds_the_integrations_at_debian_paths(deb: Path, tmp_path: Path) -> None:
+    listing = _run(["dpkg-deb", "-c", str(deb)])
+    assert listing.returncode == 0, listing.stderr
+    paths = {line.split()[5].removeprefix(".") for line in listing.stdout.splitlines()}
+    for path in (
+        "/usr/bin/tdx-preflight",
+        "/usr/sbin/kexec-gated",
+        "/lib/systemd/system/tdx-preflight.service",
+        "/lib/systemd/system/kexec-load.service.d/tdx-preflight.conf",
+        "/lib/systemd/system/kdump-tools.service.d/tdx-preflight.conf",
+        "/lib/systemd/system/kdump.service.d/tdx-preflight.conf",
+        "/etc/tdx-preflight/config.yaml",
+        "/usr/share/tdx-preflight/prometheus/tdx-preflight-rules.yaml",
+        "/usr/share/tdx-preflight/kured/kured-daemonset-patch.yaml",
+        "/usr/share/tdx-preflight/kured/README.md",
+        "/usr/lib/python3/dist-packages/tdx_preflight/daemon/uevents.py",
+    ):
+        assert path in paths, f"{path} not in the package"
+    # The wheel's copy of the integrations is for install-integrations (pip installs) only.
+    assert not [p for p in paths if "/shipped/" in p]
+
+    conffiles = _run(["dpkg-deb", "-I", str(deb), "conffiles"]).stdout.split()
+    assert conffiles == ["/etc/tdx-preflight/config.yaml"]
+    depends = _run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
+    for name in DEB_DEPENDS:
+        assert name in depends
+    assert "pyroute2" not in depends
+
+    root = tmp_path / "x"
+    assert _run(["dpkg-deb", "-x", str(deb), str(root)]).returncode == 0
+    unit = (root / "lib/systemd/system/tdx-preflight.service").read_text()
+    assert "ExecStart=/usr/bin/tdx-preflight daemon" in unit
+    assert "ExecReload=/usr/bin/tdx-preflight reload" in unit
+    gated = [root / "usr/sbin/kexec-gated", *root.glob("lib/systemd/system/*.d/*.conf")]
+    for path in gated:
+        text = path.read_text()
+        assert "/usr/local/bin/tdx-preflight" not in text, path
+        assert "/usr/bin/tdx-preflight" in text, path
+    # The tree keeps the pip path: one copy of each file, rewritten at build time only.
+    assert (
+        "ExecStart=/usr/local/bin/tdx-preflight daemon"
+        in (REPO / "systemd/tdx-preflight.service").read_text()
+    )
+
+
+# Inside the root: the file list and kexec before, the install and what it must do, a run of
+# the tool, leftovers the agent would make, `apt-get purge`, the file list and kexec after.
+SCENARIO = r"""
+set -eu
+snap() {
+    find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /tmp \) -prune -o -print |
+        LC_ALL=C sort
+}
+state() {
+    sha256sum /sbin/kexec; dpkg-divert --list | LC_ALL=C sort; cat /var/lib/dpkg/triggers/File
+}
+snap >/tmp/before; state >/tmp/state.before
+
+dpkg -i /tmp/tdx-preflight.deb
+dpkg-divert --list /sbin/kexec | grep -q 'to /sbin/kexec.distrib by tdx-preflight$'
+test "$(readlink /sbin/kexec)" = /usr/sbin/kexec-gated
+test -L /etc/systemd/system/multi-user.target.wants/tdx-preflight.service
+tdx-preflight --version
+rc=0; tdx-preflight check --root / --metrics-file /tmp/check.prom || rc=$?
+echo "check exit $rc"; case $rc in 0 | 1 | 3) ;; *) exit 90 ;; esac
+grep -q '^tdx_preflight_kexec_allowed{' /tmp/check.prom
+# kexec --version can neither load nor execute: the gate lets it reach the diverted kexec.
+/sbin/kexec --version
+python3 -c 'import asyncio
+from tdx_preflight.daemon.uevents import UeventSource
+s = UeventSource(1 << 20); asyncio.run(s.open()); print("uevent socket", s.effective_rcvbuf)'
+# What the agent and an operator leave: a state file, a manifest, an edited conffile.
+mkdir -p /run/tdx-preflight /var/lib/tdx-preflight
+: >/run/tdx-preflight/state.json; : >/var/lib/tdx-preflight/integrations.json
+echo 'block_on_warn: []' >>/etc/tdx-preflight/config.yaml
+
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -q tdx-preflight
+snap >/tmp/after; state >/tmp/state.after
+
+# kexec-tools installed after tdx-preflight: the file trigger makes the diversion then.
+dpkg -r kexec-tools
+dpkg -i /tmp/tdx-preflight.deb
+! dpkg-divert --list | grep -q tdx-preflight
+DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/kexec-tools.deb
+dpkg-divert --list /sbin/kexec | grep -q 'to /sbin/kexec.distrib by tdx-preflight$'
+test "$(readlink /sbin/kexec)" = /usr/sbin/kexec-gated
+/sbin/kexec --version
+dpkg -P tdx-preflight
+test -f /sbin/kexec && ! test -L /sbin/kexec && ! dpkg-divert --list | grep -q tdx-preflight
+echo "trigger: diverted when kexec-tools came later"
+"""
+
+#: Written by every dpkg and apt run, whatever the package (mmdebstrap empties apt's caches
+#: and lists; apt-get recreates them).
+CHURN = (
+    "/var/cache/apt/",
+    "/var/lib/apt/",
+    "/var/cache/debconf/",
+    "/var/lib/dpkg/",
+    "/var/log/",
+    "/var/cache/ldconfig/",
+)
+#: dpkg's own bookkeeping that must not keep anything of the package.
+CHURN_EXCEPT = ("/var/lib/dpkg/info/tdx-preflight.",)
+
+
+def _base_root() -> Path:
+    """mmdebstrap's bookworm root with BASE_PACKAGES, as a tarball cached by its recipe."""
+    key = hashlib.sha256("\n".join((*BASE_PACKAGES, *MIRRORS)).encode()).hexdigest()[:16]
+    tarball = CACHE / f"bookworm-{key}.tar"
+    if tarball.exists():
+        return tarball
+    if not shutil.which("mmdebstrap", path=BUILD_ENV["PATH"]):
+        pytest.fail("mmdebstrap is missing (README's test command installs it)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = tarball.with_suffix(f".{os.getpid()}.partial.tar")
+    made = _run(
+        [
+            "nice",
+            "-n",
+            "10",
+            "mmdebstrap",
+            "--quiet",
+            "--mode=root",
+            "--variant=apt",
+            "--include=" + ",".join(BASE_PACKAGES),
+            "bookworm",
+            str(partial),
+            *MIRRORS,
+        ],
+        env=BUILD_ENV,
+    )
+    assert made.returncode == 0, made.stderr[-4000:]
+    partial.rename(tarball)
+    return tarball
+
+
+@needs_build_tools
+@pytest.mark.skipif(os.geteuid() != 0, reason="the throwaway root needs root (chroot, unshare)")
+def test_install_then_purge_leaves_the_root_as_it_was(deb: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(_base_root()) as tar:
+        tar.extractall(root, filter="fully_trusted")
+    shutil.copy(deb, root / "tmp/tdx-preflight.deb")
+    # kexec-tools' own .deb, to install it again after tdx-preflight (from the same archive
+    # the root came from; apt-get download writes only into its working directory).
+    fetched = _run(["apt-get", "download", "-q", "kexec-tools"], cwd=tmp_path, env=BUILD_ENV)
+    assert fetched.returncode == 0, fetched.stderr
+    (kexec_tools,) = tmp_path.glob("kexec-tools_*.deb")
+    shutil.copy(kexec_tools, root / "tmp/kexec-tools.deb")
+    (root / "tmp/scenario.sh").write_text(SCENARIO)
+    # Private mount and PID namespaces: the mounts go away with the process, on any exit.
+    inner = (
+        f'r="{root}"; mount --make-rprivate / && mount -t proc proc "$r/proc" && '
+        f'mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" && '
+        f'exec chroot "$r" /bin/sh -x /tmp/scenario.sh'
+    )
+    env = {**BUILD_ENV, "HOME": "/root"}
+    run = _run(["unshare", "--mount", "--pid", "--fork", "sh", "-c", inner], env=env)
+    log = run.stdout[-6000:] + run.stderr[-6000:]
+    assert run.returncode == 0, log
+
+    before = (root / "tmp/before").read_text().splitlines()
+    after = (root / "tmp/after").read_text().splitlines()
+
+    def ours(path: str) -> bool:
+        return not path.startswith(CHURN) or path.startswith(CHURN_EXCEPT)
+
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    assert [p for p in added if ours(p)] == [], log
+    assert [p for p in removed if ours(p)] == [], log
+    print(f"install + purge: {len(before)} paths before and after; dpkg/apt churn only: {added}")
+    # The same kexec binary at /sbin/kexec, no diversion and no file trigger left.
+    assert (root / "tmp/state.after").read_text() == (root / "tmp/state.before").read_text()
+    assert "check exit" in run.stdout
+    assert "trigger: diverted when kexec-tools came later" in run.stdout
