@@ -88,6 +88,44 @@ def test_emerald_rapids_7_2_with_its_module_listed_is_allowed(tmp_path: Path, ph
     }
 
 
+def test_text_output_says_which_passes_rest_on_the_list(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "1.5.08")
+    root = build(tmp_path / "root", emerald_rapids_7_2())
+    run = run_cli("check", "--root", str(root), "--config", cfg)
+    assert run.code == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[-2].startswith("verdict: ALLOW")
+    assert lines[-1] == (
+        f"passes resting on sys_disable_module_versions (config {cfg}): "
+        "errata.tdx_pw_mce, postkexec.tdx for module 1.5.08"
+    )
+    unlisted = run_cli("check", "--root", str(root), "--config", config(tmp_path, "1.5.16"))
+    assert "resting on" not in unlisted.stdout
+
+
+def test_metrics_say_which_passes_rest_on_the_list(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cfg = config(tmp_path, "1.5.08")
+    root = build(tmp_path / "root", emerald_rapids_7_2())
+    prom = tmp_path / "m.prom"
+    args = ("--root", str(root), "--config", cfg, "--metrics-file", str(prom))
+    run = run_cli("hook", *args, "--", "-p", "/boot/vmlinuz", "--initrd=/boot/initrd.img")
+    assert run.code == 0, run.stderr
+    text = prom.read_text()
+    got = {
+        (s.labels["phase"], s.labels["check"], s.labels["module_version"], s.value)
+        for fam in text_string_to_metric_families(text)
+        if fam.name == "tdx_preflight_sys_disable_vouched"
+        for s in fam.samples
+    }
+    assert got == {("crash", "errata.tdx_pw_mce", "1.5.08", 1.0)}
+    run = run_cli("check", *args)
+    assert run.code == 0 and 'check="postkexec.tdx"' in prom.read_text()
+    run_cli("check", *args[:2], "--metrics-file", str(prom))  # no list: nothing rests on it
+    assert "tdx_preflight_sys_disable_vouched{" not in prom.read_text()
+
+
 def test_another_listed_version_does_not_vouch(tmp_path: Path) -> None:
     cfg = config(tmp_path, "1.5.16")
     report, st = check(tmp_path, emerald_rapids_7_2(), "exec", "--config", cfg)
