@@ -173,7 +173,22 @@ def test_erratum_on_a_vendor_kernel_without_refusal_is_unsafe(tmp_path: Path) ->
     assert erratum["summary"].endswith("kexec would not reset TDX private memory: unsafe")
 
 
+def test_erratum_on_6_18_without_kexec_sysfs_is_unsafe_not_refused(tmp_path: Path) -> None:
+    spec = tdx_host(
+        cpu="sapphire_rapids", kexec_loaded=None, kexec_crash_loaded=None, kexec_crash_size=None
+    )
+    report, _ = check(tmp_path, spec, "crash")
+    erratum = of(report, "errata.tdx_pw_mce")
+    assert erratum["status"] == "fail" and erratum["blocking"] is True
+    assert erratum["summary"].endswith("kexec would not reset TDX private memory: unsafe")
+
+
 # -- kernel.cache_flush --------------------------------------------------------------------
+
+
+def test_a_release_that_does_not_parse_counts_as_below_6_18(tmp_path: Path) -> None:
+    report, st = check(tmp_path, tdx_host(release="custom-build", kallsyms=None))
+    assert st["kernel.cache_flush"] == "unknown" and report["exit_code"] == 3
 
 
 @pytest.mark.parametrize(
@@ -356,6 +371,12 @@ def test_an_update_in_flight_blocks_exec(tmp_path: Path, status: str) -> None:
         "seamldr_version": "2.0.00",
         "num_remaining_updates": "16",
     }
+
+
+def test_an_update_status_the_kernel_does_not_print_fails(tmp_path: Path) -> None:
+    report, st = check(tmp_path, tdx_host_7(fw_upload={"status": "frobnicating"}))
+    assert st["tdx.module_update"] == "fail" and report["exit_code"] == 1
+    assert "in an unknown state" in of(report, "tdx.module_update")["summary"]
 
 
 @pytest.mark.parametrize("phase", ["load", "crash"])
