@@ -141,6 +141,14 @@ def test_unreadable_kexec_sysfs_on_a_non_tdx_host_is_at_worst_a_warning(tmp_path
     assert report["exit_code"] == 0
 
 
+def test_no_kexec_is_not_capped_when_tdx_use_is_unknown(tmp_path: Path) -> None:
+    spec = plain_host(kexec_loaded=None)
+    spec.extra_files["sys/module/kvm_intel/parameters/tdx"] = "maybe\n"
+    report, st = check(tmp_path, spec)
+    assert report["host"]["tdx_in_use"] == "unknown"
+    assert st["kernel.kexec"] == "fail" and report["exit_code"] == 1
+
+
 def test_an_unreadable_kernel_log_alone_is_not_unknown(tmp_path: Path) -> None:
     spec = plain_host(kmsg=None)
     spec.extra_files["dev/kmsg"] = b"\xff\xfe no record here\n"

@@ -65,7 +65,8 @@ def kernel_kexec(facts: HostFacts, phase: str) -> Outcome:
     evidence = _kexec_evidence(facts)
     tdx = facts.tdx_use.state == "yes"
     outcome = _kexec_rules(k, phase, evidence, tdx, derived.kernel_remedy(facts))
-    if not tdx:
+    # Only "no" caps: when TDX use is unknown, TDX may be in use (fail closed).
+    if facts.tdx_use.state == "no":
         return outcome.at_worst_warn("TDX not in use: kexec-tools reports its own errors")
     return outcome
 
