@@ -24,16 +24,8 @@ from hostbuilder import (
     qemu_vm_cmdline,
     tdx_host,
 )
+from test_scenarios import TDX_ONLY
 
-TDX_ONLY = (
-    "tdx.module",
-    "tdx.module_update",
-    "errata.tdx_pw_mce",
-    "kernel.cache_flush",
-    "guests.td",
-    "guests.teardown",
-    "postkexec.tdx",
-)
 FOREIGN_PID_NS, FOREIGN_CGROUP_NS = 4026532481, 4026532482
 
 
