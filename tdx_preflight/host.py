@@ -88,6 +88,7 @@ class _Openat2:
     RESOLVE_NO_MAGICLINKS = 0x02
     RESOLVE_IN_ROOT = 0x10
     SYS_openat2 = 437  # x86_64 and aarch64 share the number
+    RETRIES = 64  # EAGAIN retries: a walk through `..` raced with a rename or mount
 
     def __init__(self) -> None:
         import ctypes
@@ -112,11 +113,18 @@ class _Openat2:
         if how is None:
             how = self._how_type(flags, 0, self.RESOLVE_IN_ROOT | self.RESOLVE_NO_MAGICLINKS)
             self._hows[flags] = how
-        fd = self._syscall(self.SYS_openat2, dirfd, rel, self._ctypes.byref(how), self._size)
-        if fd < 0:
+        # EAGAIN: a rename or mount anywhere on the system raced with a `..` step (a
+        # symlink such as sys/class/firmware/tdx_module -> ../../devices/...) and the
+        # kernel could not vouch for the walk: openat2(2) says to retry, so a busy
+        # machine never turns a readable file into an unreadable one.
+        for _ in range(self.RETRIES):
+            fd = self._syscall(self.SYS_openat2, dirfd, rel, self._ctypes.byref(how), self._size)
+            if fd >= 0:
+                return fd
             err = self._ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return fd
+            if err != errno.EAGAIN:
+                break
+        raise OSError(err, os.strerror(err))
 
 
 class Host:

@@ -65,6 +65,14 @@ def write_metrics(path: str, reports: list[Report], source: str) -> str | None:
         ["source", "kernel", "cpu_model", "tdx_module_version"],
         registry=registry,
     )
+    vouched = Gauge(
+        "tdx_preflight_sys_disable_vouched",
+        "1 for each check whose pass in this phase rests on the configured "
+        "sys_disable_module_versions (the operator vouches that the TDX module implements "
+        "TDH.SYS.DISABLE); no series when none does",
+        ["source", "phase", "check", "module_version"],
+        registry=registry,
+    )
     stamp = Gauge(
         "tdx_preflight_last_check_timestamp_seconds",
         "When the reports were computed (Unix time); the daemon rewrites it at least every "
@@ -79,6 +87,14 @@ def write_metrics(path: str, reports: list[Report], source: str) -> str | None:
                 status.labels(source=source, phase=report.phase, check=r.id, status=s).set(
                     r.status == s
                 )
+        rest = report.sys_disable_vouched()
+        for check in rest["checks"] if rest else ():
+            vouched.labels(
+                source=source,
+                phase=report.phase,
+                check=check,
+                module_version=rest["module_version"],
+            ).set(1)
     # Host facts come from the exec report when there is one (the default gate).
     main = next((r for r in reports if r.phase == "exec"), reports[0])
     guests = main.facts.guests

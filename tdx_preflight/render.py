@@ -63,6 +63,12 @@ def report_text(report: Report, *, verbose: bool = False, colour: bool = False) 
         lines.append("(* blocks the verdict)")
     verdict = f"verdict: {report.verdict.upper()} (exit {report.exit_code}): {report.summary}"
     lines.append(_style(verdict, report.verdict, colour, bold=True))
+    vouched = report.sys_disable_vouched()
+    if vouched:
+        lines.append(
+            f"passes resting on {vouched['key']} (config {vouched['config']}): "
+            f"{', '.join(vouched['checks'])} for module {vouched['module_version']}"
+        )
     return "\n".join(lines)
 
 

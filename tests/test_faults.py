@@ -66,13 +66,14 @@ from hostbuilder import (  # noqa: E402
     libvirt_cgroup,
     qemu_td_cmdline,
     tdx_host,
+    tdx_host_7,
 )
 
 from tdx_preflight.checks import CHECKS  # noqa: E402
 from tdx_preflight.facts import gather  # noqa: E402
 from tdx_preflight.host import Host, Problem  # noqa: E402
-from tdx_preflight.policy import Policy  # noqa: E402
-from tdx_preflight.readers import cgroup, cpuinfo, kernel, kvm, tdx  # noqa: E402
+from tdx_preflight.policy import Policy, parse  # noqa: E402
+from tdx_preflight.readers import cgroup, cpuinfo, kernel, kvm, tdx, view  # noqa: E402
 from tdx_preflight.report import evaluate  # noqa: E402
 
 PHASES = ("load", "exec", "crash")
@@ -110,29 +111,70 @@ DIR_FAULTS = (
     "symlink_out_rel",
     "unreadable",
 )
+#: A symlink whose target text is the value (proc/self/ns/*): the link gone, a regular
+#: file, a directory or a FIFO in its place, a target that is not a namespace, a target
+#: out of the root. (A symlink's own mode is not checked by the kernel: no "unreadable".)
+LINK_FAULTS = ("missing", "file", "directory", "fifo", "garbled", "symlink_out", "symlink_out_rel")
+FAULTS_BY_KIND = {"file": FILE_FAULTS, "msr": MSR_FAULTS, "dir": DIR_FAULTS, "link": LINK_FAULTS}
 
 
 def idle_spec() -> HostSpec:
     return tdx_host()
 
 
-def td_spec() -> HostSpec:
-    return tdx_host(
-        processes=[
-            VmProc(
-                pid=TD_PID,
-                cmdline=qemu_td_cmdline("td1"),
-                comm="td1",
-                cgroup=TD_CGROUP,
-                misc_tdx=1,
-            )
-        ],
+def _td(**vm: Any) -> dict[str, Any]:
+    """The running libvirt TD of the ``td`` bases: HostSpec fields."""
+    proc = VmProc(pid=TD_PID, cmdline=qemu_td_cmdline("td1"), comm="td1", cgroup=TD_CGROUP,
+                  misc_tdx=1, **vm)  # fmt: skip
+    return dict(
+        processes=[proc],
         libvirt=[LibvirtDomain("td1", TD_PID, tdx=True)],
         misc_current={"tdx": 1},
     )
 
 
-BASES: dict[str, Callable[[], HostSpec]] = {"idle": idle_spec, "td": td_spec}
+def td_spec() -> HostSpec:
+    return tdx_host(**_td())
+
+
+#: The 7.x bases: a Granite Rapids host on 7.3 (tdx_sys_disable in kallsyms, the 6.19+ kexec
+#: sysfs with the old names as links, tdx_host with P-SEAMLDR attributes, an idle update
+#: device) seen from the init PID and cgroup namespaces.
+INIT_NS = dict(pid_ns=view.INIT_NS["pid"], cgroup_ns=view.INIT_NS["cgroup"])
+CMA_RANGE = "100000000-11fffffff\n"
+
+BASES: dict[str, Callable[[], HostSpec]] = {
+    "idle": idle_spec,
+    "td": td_spec,
+    "idle7": lambda: tdx_host_7(**INIT_NS),
+    "td7": lambda: tdx_host_7(**INIT_NS, **_td()),
+    # crash reserved through CMA only: crash_size 0, one range in crash_cma_ranges.
+    "idle7cma": lambda: tdx_host_7(kexec_crash_size=0, kexec_crash_cma_ranges=CMA_RANGE),
+    # the P-SEAMLDR attributes in tdx_host/seamldr/ (the other revision of the series).
+    "idle7s": lambda: tdx_host_7(
+        tdx_host_attrs={"seamldr/version": "2.0.00", "seamldr/num_remaining_updates": "16"}
+    ),
+    # cgroup v1 (RHEL 8 style): the misc hierarchy at sys/fs/cgroup/misc/.
+    "idle7v1": lambda: tdx_host_7(cgroup_layout="v1"),
+    "td7v1": lambda: tdx_host_7(cgroup_layout="v1", **_td()),
+    # the TD's VM fd closed: only its vCPU fds hold it, and no debugfs lists it.
+    "td7vcpu": lambda: tdx_host_7(debugfs_kvm=False, **_td(vm_fds=[], closed_vm_fds=[12])),
+    # Emerald Rapids (tdx_pw_mce) on 7.2 whose module 1.5.08 the operator vouches for
+    # (POLICIES): allowed only because sys_disable_module_versions lists the version. Up
+    # for months: the ring buffer has rotated past the boot lines, so tdx_host/version is
+    # the one source of the module's version.
+    "emr7": lambda: tdx_host_7(
+        "7.2.0-1-amd64",
+        cpu="emerald_rapids",
+        extra_bugs=["tdx_pw_mce"],
+        kmsg=[(30, "systemd[1]: Started logrotate.service - Rotate log files.")],
+        **INIT_NS,
+    ),
+}
+#: The configuration a base is checked with (config file text); Policy() otherwise.
+POLICIES = {"emr7": 'sys_disable_module_versions: ["1.5.08"]\n'}
+#: The table's two columns: a host without a guest, a host running one TD.
+COLUMN = {base: "td" if base.startswith("td") else "idle" for base in BASES}
 
 
 # --------------------------------------------------------------------------- readers
@@ -163,6 +205,28 @@ def _libvirt(host: Host) -> Any:
     return domains.get(TD_PID) or Problem("absent", "run/libvirt/qemu/td1.xml", "no domain")
 
 
+def _kexec_attr(name: str) -> Callable[[Host], Any]:
+    return lambda host: getattr(kernel.read_kexec(host), name)
+
+
+def _update_status(host: Host) -> Any:
+    update = tdx.read_module_update(host)
+    return Problem("absent", tdx.FW_UPLOAD, "no update device") if update is None else update.status
+
+
+def _namespace(name: str) -> Callable[[Host], Any]:
+    def read(host: Host) -> Any:
+        link = host.readlink(f"proc/self/ns/{name}")
+        if isinstance(link, Problem):
+            return link
+        ns = view.read_namespace(host, name)
+        if ns.state == "unknown":
+            return Problem("malformed", f"proc/self/ns/{name}", ns.said)
+        return ns
+
+    return read
+
+
 class FileSpec(NamedTuple):
     key: str  # short name used in case ids and the table
     rel: str  # path under the root
@@ -171,6 +235,8 @@ class FileSpec(NamedTuple):
     reader: Callable[[Host], Any]
     #: Content for a file the base host does not have (written by the fault).
     default: bytes | None = None
+    #: The file whose rules (fault classes, expectations) this one follows, when another.
+    rules: str | None = None
 
 
 FILES: tuple[FileSpec, ...] = (
@@ -305,6 +371,90 @@ FILES: tuple[FileSpec, ...] = (
         "pid_fd", f"proc/{TD_PID}/fd", "dir", ("td",), lambda h: h.listdir(f"proc/{TD_PID}/fd")
     ),
     FileSpec("libvirt_xml", "run/libvirt/qemu/td1.xml", "file", ("td",), _libvirt),
+    # -- added by rules version 2, on the 7.x bases ------------------------------------
+    *(
+        FileSpec(
+            f"kexec_dir_{name}",
+            f"sys/kernel/kexec/{name}",
+            "file",
+            ("idle7", "td7"),
+            _kexec_attr(name),
+            rules=old,
+        )
+        for name, old in (
+            ("loaded", "kexec_loaded"),
+            ("crash_loaded", "kexec_crash_loaded"),
+            ("crash_size", "kexec_crash_size"),
+        )
+    ),
+    FileSpec(
+        "kexec_dir_crash_cma_ranges",
+        "sys/kernel/kexec/crash_cma_ranges",
+        "file",
+        ("idle7cma",),
+        _kexec_attr("crash_cma_ranges"),
+    ),
+    FileSpec(
+        "fw_upload_status",
+        "sys/class/firmware/tdx_module/status",
+        "file",
+        ("idle7", "td7"),
+        _update_status,
+    ),
+    *(
+        FileSpec(key, rel, "file", bases, lambda h, rel=rel: h.read_value(rel))
+        for key, rel, bases in (
+            ("fw_upload_error", "sys/class/firmware/tdx_module/error", ("idle7", "td7")),
+            ("seamldr_version", f"{tdx.TDX_HOST}/seamldr_version", ("idle7",)),
+            ("num_remaining_updates", f"{tdx.TDX_HOST}/num_remaining_updates", ("idle7",)),
+            ("seamldr_dir_version", f"{tdx.TDX_HOST}/seamldr/version", ("idle7s",)),
+            (
+                "seamldr_dir_num_remaining_updates",
+                f"{tdx.TDX_HOST}/seamldr/num_remaining_updates",
+                ("idle7s",),
+            ),
+        )
+    ),
+    FileSpec(
+        "tdx_host_version_7",
+        "sys/devices/faux/tdx_host/version",
+        "file",
+        ("idle7", "td7"),
+        tdx.read_tdx_host_version,
+        rules="tdx_host_version",
+    ),
+    # What the vouched pass on the erratum host rests on: the module version (tdx_host and
+    # the log both say 1.5.08), tdx_sys_disable in kallsyms (else release 7.2), the bugs line.
+    FileSpec(
+        "tdx_host_version_emr",
+        "sys/devices/faux/tdx_host/version",
+        "file",
+        ("emr7",),
+        tdx.read_tdx_host_version,
+    ),
+    FileSpec("kmsg_emr", "dev/kmsg", "file", ("emr7",), tdx.read_tdx_log, rules="kmsg"),
+    FileSpec("kallsyms_emr", "proc/kallsyms", "file", ("emr7",), kernel.read_kallsyms),
+    FileSpec("ns_pid", "proc/self/ns/pid", "link", ("idle7", "td7"), _namespace("pid")),
+    FileSpec("ns_cgroup", "proc/self/ns/cgroup", "link", ("idle7", "td7"), _namespace("cgroup")),
+    *(
+        FileSpec(
+            f"misc_v1_{name}",
+            f"{cgroup.V1_MISC_ROOT}/misc.{name}",
+            "file",
+            ("idle7v1", "td7v1"),
+            lambda h, name=name: cgroup.read_misc(h, f"misc.{name}", base=cgroup.V1_MISC_ROOT),
+            rules=f"misc_{name}",
+        )
+        for name in ("capacity", "current")
+    ),
+    FileSpec(
+        "vcpu_fd",
+        f"proc/{TD_PID}/fd",
+        "dir",
+        ("td7vcpu",),
+        lambda h: h.listdir(f"proc/{TD_PID}/fd"),
+        rules="pid_fd",
+    ),
 )
 FILE_BY_KEY = {f.key: f for f in FILES}
 
@@ -351,6 +501,22 @@ CLASS_OVERRIDES: dict[str, dict[str, str]] = {
     # kmsg: lines that are not records are skipped; an empty log says nothing.
     "kmsg": {"empty": "valid", "truncated": "valid", "non_utf8": "valid"},
     "cmdline": {"empty": "valid", "truncated": "valid"},
+    "kallsyms_emr": {"truncated": "valid", "non_utf8": "valid", "sparse_1g": "valid"},
+    # An empty crash_cma_ranges lists no range; "100000000-11fffffff" cut mid-line is not one.
+    "kexec_dir_crash_cma_ranges": {"empty": "no_range"},
+    # "idle" cut mid-line reads "id": a status other than idle.
+    "fw_upload_status": {"truncated": "not_idle"},
+    # Evidence files: a value cut mid-line is still a value.
+    **{
+        key: {"truncated": "valid"}
+        for key in (
+            "fw_upload_error",
+            "seamldr_version",
+            "num_remaining_updates",
+            "seamldr_dir_version",
+            "seamldr_dir_num_remaining_updates",
+        )
+    },
 }
 GENERIC_CLASS = {
     "missing": "absent",
@@ -374,7 +540,10 @@ def fault_class(file_key: str, fault: str) -> str:
     spec = FILE_BY_KEY[file_key]
     if spec.kind == "dir" and fault != "empty_dir":
         return "unlistable"
-    return CLASS_OVERRIDES.get(file_key, {}).get(fault, GENERIC_CLASS[fault])
+    if spec.kind == "link":
+        return "absent" if fault == "missing" else "malformed"
+    rules = spec.rules or file_key
+    return CLASS_OVERRIDES.get(rules, {}).get(fault, GENERIC_CLASS[fault])
 
 
 Expect = dict[str, frozenset[str]]
@@ -391,6 +560,8 @@ def expected(file_key: str, cls: str, base: str, phase: str) -> tuple[Expect, st
     sources (flag, misc.capacity, kvm_intel tdx, initialized module), so one broken
     source never takes TDX out of use ("TDX is in use when one present source says so").
     """
+    file_key = FILE_BY_KEY[file_key].rules or file_key
+    host, base = base, COLUMN[base]
     bad = cls in ("absent", "unreadable", "malformed")
     if file_key == "cpuinfo":
         if bad:
@@ -433,6 +604,24 @@ def expected(file_key: str, cls: str, base: str, phase: str) -> tuple[Expect, st
             "kallsyms names the flush: pass"
             if cls == "valid"
             else "kallsyms absent or unreadable and release 6.18.2: pass inferred from release"
+        )
+    if file_key == "kallsyms_emr":
+        return {"kernel.cache_flush": _s("pass"), "errata.tdx_pw_mce": _s("pass")}, (
+            "kallsyms names tdx_sys_disable: unchanged"
+            if cls == "valid"
+            else "kallsyms absent or unreadable: TDH.SYS.DISABLE and the flush inferred from "
+            "release 7.2; the listed module version still vouches: pass"
+        )
+    if file_key == "tdx_host_version_emr":
+        if not bad:
+            return {}, "unchanged"
+        return (
+            {
+                "errata.tdx_pw_mce": _s("unknown"),
+                "postkexec.tdx": _s("skip" if phase == "crash" else "unknown"),
+            },
+            "no source tells the module's version (the log rotated): the list cannot vouch "
+            "for it, errata unknown (blocks every phase); postkexec unknown",
         )
     if file_key == "misc_current":
         if cls == "valid":
@@ -484,11 +673,35 @@ def expected(file_key: str, cls: str, base: str, phase: str) -> tuple[Expect, st
             f"kernel.kexec crash {status}: kexec_crash_size "
             + ("absent" if cls == "absent" else "unreadable"),
         )
+    if file_key == "kexec_dir_crash_cma_ranges":
+        if phase != "crash":
+            return {}, "unchanged (read in crash only)"
+        if cls in ("absent", "no_range"):
+            return (
+                {"kernel.kexec": _s("fail")},
+                "kernel.kexec crash fail: crash_size is 0 and no crash_cma_ranges are listed",
+            )
+        return (
+            {"kernel.kexec": _s("unknown")},
+            "kernel.kexec crash unknown: crash_size is 0 and crash_cma_ranges is unreadable",
+        )
+    if file_key == "fw_upload_status":
+        if cls == "not_idle":
+            return (
+                {"tdx.module_update": _s("fail")},
+                "tdx.module_update fail: the status reads anything but idle (blocks exec)",
+            )
+        return (
+            {"tdx.module_update": _s("unknown")},
+            "tdx.module_update unknown: the update device is present but its status "
+            "cannot be read (blocks exec)",
+        )
     if file_key == "pid_fd" and cls != "empty_dir":
         return (
             {"guests.vm": _s("unknown")},
             "a process whose fd directory cannot be listed, and has not gone, makes VM "
-            "enumeration incomplete: guests.vm unknown (the TD is still found by debugfs)",
+            "enumeration incomplete: guests.vm unknown (the TD is still "
+            + ("found by debugfs)" if host == "td" else "counted by root misc.current)"),
         )
     # Sources with redundant evidence, evidence-only files, and VM details of a TD
     # that three other sources identify.
@@ -497,7 +710,9 @@ def expected(file_key: str, cls: str, base: str, phase: str) -> tuple[Expect, st
         "cmdline": "evidence only",
         "boot_config": "evidence only (kernel.kexec is decided by sysfs, never the release)",
         "config_gz": "evidence only",
-        "kmsg": "one TDX-module source of four; the others still say initialized",
+        "kmsg": "one TDX-module source of four; the others still say initialized"
+        if host != "emr7"
+        else "the log has rotated past the TDX lines: it says nothing either way",
         "kvm_intel_tdx": "one TDX-in-use source of four",
         "tdx_host_version": "a source that is absent is not evidence either way",
         "firmware_status": "one TDX-module source of four",
@@ -508,8 +723,17 @@ def expected(file_key: str, cls: str, base: str, phase: str) -> tuple[Expect, st
         "pid_cmdline": "the TD is td on other positive evidence",
         "pid_comm": "the name only",
         "pid_cgroup": "the TD is td on other positive evidence",
-        "pid_fd": "an empty fd directory: the TD is still found by debugfs",
+        "pid_fd": "an empty fd directory: the TD is still found by debugfs"
+        if host == "td"
+        else "an empty fd directory: no VM found; root misc.current still counts the TD",
         "libvirt_xml": "the TD is td on other positive evidence",
+        "fw_upload_error": "evidence only (tdx.module_update is decided by status)",
+        "seamldr_version": "evidence only",
+        "num_remaining_updates": "evidence only",
+        "seamldr_dir_version": "evidence only",
+        "seamldr_dir_num_remaining_updates": "evidence only",
+        "ns_pid": "a namespace link that is absent or unreadable is no evidence either way",
+        "ns_cgroup": "a namespace link that is absent or unreadable is no evidence either way",
     }
     return {}, reasons[file_key]
 
@@ -538,7 +762,7 @@ class Case(NamedTuple):
 def all_cases() -> list[Case]:
     out: list[Case] = []
     for spec in FILES:
-        faults = {"file": FILE_FAULTS, "msr": MSR_FAULTS, "dir": DIR_FAULTS}[spec.kind]
+        faults = FAULTS_BY_KIND[spec.kind]
         for base in spec.bases:
             for fault in faults:
                 out.append(Case(spec.key, fault, base))
@@ -608,6 +832,9 @@ def make_root(case: Case) -> tuple[Path, Path]:
             # Followed, this would list a VM the host does not have.
             (bait / "31337-7").mkdir(exist_ok=True)
         apply_dir_fault(path, bait, case.fault)
+    elif spec.kind == "link":
+        bait.write_text(os.readlink(path))
+        apply_link_fault(path, bait, case.fault)
     else:
         orig = path.read_bytes() if path.exists() else spec.default
         assert orig is not None, case
@@ -682,6 +909,25 @@ def apply_dir_fault(path: Path, bait: Path, fault: str) -> None:
         raise AssertionError(fault)
 
 
+def apply_link_fault(path: Path, bait: Path, fault: str) -> None:
+    target = os.readlink(path)
+    path.unlink()
+    if fault == "file":
+        path.write_text(target)
+    elif fault == "directory":
+        path.mkdir()
+    elif fault == "fifo":
+        os.mkfifo(path)
+    elif fault == "garbled":
+        os.symlink(target.replace("[", "[x"), path)
+    elif fault == "symlink_out":
+        os.symlink(str(bait), path)
+    elif fault == "symlink_out_rel":
+        os.symlink(os.path.relpath(bait, path.parent), path)
+    elif fault != "missing":
+        raise AssertionError(fault)
+
+
 def tree_state(root: Path) -> dict[str, tuple[int, int, int]]:
     """(mode, size, mtime_ns) of every entry, never following links."""
     out: dict[str, tuple[int, int, int]] = {}
@@ -714,9 +960,13 @@ def _describe(result: Any) -> tuple[str, str]:
     return "value", repr(result)[:120]
 
 
-def run_in_process(root: Path, file_key: str) -> Outcome:
+def policy_of(base: str) -> Policy:
+    return parse(POLICIES[base], f"{base}.yaml") if base in POLICIES else Policy()
+
+
+def run_in_process(root: Path, file_key: str, base: str) -> Outcome:
     started = time.monotonic()
-    policy = Policy()
+    policy = policy_of(base)
     with Host(root) as host:
         reader = _describe(FILE_BY_KEY[file_key].reader(host))
     with Host(root) as host:
@@ -754,7 +1004,7 @@ _BASE_OUTCOMES: dict[str, Outcome] = {}
 
 def base_outcome(base: str) -> Outcome:
     if base not in _BASE_OUTCOMES:
-        _BASE_OUTCOMES[base] = run_in_process(template(base), "cpuinfo")
+        _BASE_OUTCOMES[base] = run_in_process(template(base), "cpuinfo", base)
     return _BASE_OUTCOMES[base]
 
 
@@ -774,7 +1024,7 @@ os.setgroups([]); os.setgid(65534); os.setuid(65534)
 out = {}
 for job in jobs:
     try:
-        out[job["id"]] = list(tf.run_in_process(tf.Path(job["root"]), job["file"]))
+        out[job["id"]] = list(tf.run_in_process(tf.Path(job["root"]), job["file"], job["base"]))
     except BaseException as exc:  # reported, then failed by the test
         out[job["id"]] = {"error": f"{type(exc).__name__}: {exc}"}
 print(json.dumps(out))
@@ -791,7 +1041,7 @@ def unreadable_outcomes() -> dict[str, Any]:
     for case in CASES:
         if case.fault == "unreadable":
             root, _ = make_root(case)
-            jobs.append({"id": case.id, "root": str(root), "file": case.file})
+            jobs.append({"id": case.id, "root": str(root), "file": case.file, "base": case.base})
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, str(HERE)],
         input=json.dumps(jobs),
@@ -816,7 +1066,7 @@ def run_case(case: Case) -> tuple[Outcome, Path, Path]:
     before = tree_state(root.parent)
     bait_atime = os.stat(bait).st_atime_ns
     with time_limit(CASE_TIMEOUT):
-        out = run_in_process(root, case.file)
+        out = run_in_process(root, case.file, case.base)
     # Nothing under the root (or beside it) was written, created or removed.
     assert tree_state(root.parent) == before, f"{case.id}: the tree changed"
     if case.fault.startswith("symlink_out") and not bait.is_dir():
@@ -910,11 +1160,14 @@ def test_fault(case: Case) -> None:
     assert not v.mismatches, "\n".join(v.mismatches) + f"\nrule: {v.rule}"
 
 
-def test_the_idle_host_allows_and_the_td_host_blocks_exec() -> None:
-    idle, td = base_outcome("idle"), base_outcome("td")
-    assert idle.verdicts == {"load": "allow", "exec": "allow", "crash": "allow"}
-    assert td.verdicts["exec"] == "block"
-    assert td.statuses["exec"]["guests.td"] == "fail"
+@pytest.mark.parametrize("base", list(BASES))
+def test_each_idle_base_allows_and_each_td_base_blocks_exec(base: str) -> None:
+    out = base_outcome(base)
+    if COLUMN[base] == "idle":
+        assert out.verdicts == {"load": "allow", "exec": "allow", "crash": "allow"}, out.statuses
+    else:
+        assert out.verdicts["exec"] == "block"
+        assert out.statuses["exec"]["guests.td"] == "fail"
 
 
 # -- 1 GiB sparse files: time and memory of each read --------------------------------
@@ -961,7 +1214,7 @@ def sparse_measurements() -> dict[str, Any]:
         return _SPARSE
     jobs = []
     for spec in FILES:
-        if spec.kind != "dir":
+        if spec.kind in ("file", "msr"):
             root, _ = make_root(Case(spec.key, "sparse_1g", spec.bases[0]))
             warm = str(template(spec.bases[0]))
             jobs.append({"id": spec.key, "root": str(root), "file": spec.key, "warm": warm})
@@ -980,7 +1233,7 @@ def sparse_measurements() -> dict[str, Any]:
 def _sparse_params() -> list[Any]:
     out = []
     for spec in FILES:
-        if spec.kind == "dir":
+        if spec.kind not in ("file", "msr"):
             continue
         reason = XFAIL_SPARSE.get(spec.key)
         marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
@@ -1003,11 +1256,7 @@ def _cli_cases() -> list[Case]:
     console script cannot do here: its interpreter may live where nobody cannot read)."""
     out: list[Case] = []
     for i, spec in enumerate(FILES):
-        faults = [
-            f
-            for f in {"file": FILE_FAULTS, "msr": MSR_FAULTS, "dir": DIR_FAULTS}[spec.kind]
-            if f != "unreadable"
-        ]
+        faults = [f for f in FAULTS_BY_KIND[spec.kind] if f != "unreadable"]
         out.append(Case(spec.key, faults[i % len(faults)], spec.bases[i % len(spec.bases)]))
     return out
 
@@ -1020,10 +1269,15 @@ def test_cli_on_faults(case: Case) -> None:
     from conftest import run_cli
 
     root, _ = make_root(case)
-    expected_out = run_in_process(root, case.file)
+    expected_out = run_in_process(root, case.file, case.base)
+    config: tuple[str, ...] = ()
+    if case.base in POLICIES:
+        path = root.parent / "config.yaml"  # beside the root, not under it
+        path.write_text(POLICIES[case.base])
+        config = ("--config", str(path))
     for phase in PHASES:
         run = run_cli(
-            "check", "--root", str(root), "--phase", phase, "--format", "json", timeout=30
+            "check", "--root", str(root), "--phase", phase, "--format", "json", *config, timeout=30
         )
         assert run.code in (0, 1, 3), run.stderr
         assert "Traceback" not in run.stderr, run.stderr
@@ -1066,9 +1320,9 @@ def markdown_table() -> str:
         out, _, _ = run_case(case)
         results[case] = judge(case, out)
     lines = [
-        "| file | fault | class | reader | idle: checks changed | idle: L/E/C "
+        "| file | hosts | fault | class | reader | idle: checks changed | idle: L/E/C "
         "| td: checks changed | td: L/E/C | rule |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     flips: dict[str, dict[str, list[str]]] = {"block": {}, "allow": {}}
     seen: set[tuple[str, str]] = set()
@@ -1077,23 +1331,25 @@ def markdown_table() -> str:
             continue
         seen.add((case.file, case.fault))
         spec = FILE_BY_KEY[case.file]
-        row = [f"`{spec.rel}`", case.fault, fault_class(case.file, case.fault)]
+        hosts = ", ".join(spec.bases)
+        row = [f"`{spec.rel}`", hosts, case.fault, fault_class(case.file, case.fault)]
         readers, cells, notes = [], [], []
-        for base in ("idle", "td"):
-            c = Case(case.file, case.fault, base)
-            v = results.get(c)
-            if v is None:
-                cells += ["n/a (no VM)", ""]
+        for column in ("idle", "td"):
+            base = next((b for b in spec.bases if COLUMN[b] == column), None)
+            if base is None:
+                cells += ["n/a (no VM)" if column == "idle" else "n/a", ""]
                 continue
+            c = Case(case.file, case.fault, base)
+            v = results[c]
             readers.append(v.outcome.reader)
             cells += [_changes(v), _verdict(v)]
             if tuple(c) in XFAIL:
                 notes.append(f"**contradicts DESIGN.md** ({base}): {XFAIL[tuple(c)]}")  # type: ignore[index]
             elif v.mismatches:
                 notes.append(f"**mismatch** ({base}): " + "; ".join(v.mismatches))
-            if base == "idle":
+            if column == "idle":
                 key = "block" if v.flips else "allow"
-                flips[key].setdefault(spec.rel, []).append(case.fault)
+                flips[key].setdefault(f"{spec.rel}` ({base})", []).append(case.fault)
         rules = {b: results[Case(case.file, case.fault, b)].rule for b in spec.bases}
         rule = (
             next(iter(rules.values()))
@@ -1102,12 +1358,12 @@ def markdown_table() -> str:
         )
         row += [" / ".join(dict.fromkeys(readers)), *cells, "; ".join([*notes, rule])]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Idle host (allow in every phase): faults that turn allow into block:", ""]
+    lines += ["", "Idle hosts (allow in every phase): faults that turn allow into block:", ""]
     for rel, faults in flips["block"].items():
-        lines.append(f"- `{rel}`: {', '.join(faults)}")
-    lines += ["", "Idle host: faults that leave allow:", ""]
+        lines.append(f"- `{rel}: {', '.join(faults)}")
+    lines += ["", "Idle hosts: faults that leave allow:", ""]
     for rel, faults in flips["allow"].items():
-        lines.append(f"- `{rel}`: {', '.join(faults)}")
+        lines.append(f"- `{rel}: {', '.join(faults)}")
     lines += [
         "",
         "Reads of 1 GiB sparse files (one child process, peak RSS growth per read):",

@@ -160,3 +160,36 @@ def test_permission_denied_is_typed(tmp_path: Path) -> None:
         timeout=30,
     )
     assert proc.stdout.strip() == "permission", proc.stderr
+
+
+def test_a_walk_through_dotdot_that_races_a_rename_is_retried(tmp_path: Path) -> None:
+    """openat2 RESOLVE_IN_ROOT fails with EAGAIN when a rename anywhere on the machine
+    races with a `..` step (sys/class/firmware/tdx_module -> ../../devices/...): the
+    read is retried, never reported as unreadable."""
+    import ctypes
+    import errno
+
+    dev = tmp_path / "sys/devices/faux/tdx_host/firmware/tdx_module"
+    dev.mkdir(parents=True)
+    (dev / "status").write_text("idle\n")
+    (tmp_path / "sys/class/firmware").mkdir(parents=True)
+    os.symlink(
+        "../../devices/faux/tdx_host/firmware/tdx_module",
+        tmp_path / "sys/class/firmware/tdx_module",
+    )
+    with Host(tmp_path) as host:
+        assert host.read_value("sys/class/firmware/tdx_module/status") == "idle"
+        if host._openat2 is None:
+            pytest.skip("no openat2 on this kernel")
+        real, raced = host._openat2._syscall, [0]
+
+        def racing(*args: object) -> int:
+            if raced[0] < 3:
+                raced[0] += 1
+                ctypes.set_errno(errno.EAGAIN)
+                return -1
+            return real(*args)
+
+        host._openat2._syscall = racing
+        assert host.read_value("sys/class/firmware/tdx_module/status") == "idle"
+        assert raced[0] == 3

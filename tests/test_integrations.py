@@ -39,6 +39,7 @@ METRICS = {
     "tdx_preflight_kvm_vms",
     "tdx_preflight_info",
     "tdx_preflight_last_check_timestamp_seconds",
+    "tdx_preflight_sys_disable_vouched",
 }
 
 

@@ -24,8 +24,8 @@ from hostbuilder import (
     qemu_vm_cmdline,
     tdx_host,
 )
+from test_scenarios import TDX_ONLY
 
-TDX_ONLY = ("tdx.module", "kernel.cache_flush", "guests.td", "guests.teardown", "postkexec.tdx")
 FOREIGN_PID_NS, FOREIGN_CGROUP_NS = 4026532481, 4026532482
 
 
@@ -100,7 +100,7 @@ def test_an_unreadable_sysfs_or_cgroup_source_makes_it_unknown(
     spec.extra_files[rel] = data
     report, st = check(tmp_path, spec)
     assert report["host"]["tdx_in_use"] == "unknown"
-    for i in ("tdx.module", "guests.td", "guests.teardown", "kernel.cache_flush"):
+    for i in TDX_ONLY:
         assert st[i] == "unknown" and named in row(report, i)["summary"], i
     assert st["platform.tdx"] == "warn" and named in row(report, "platform.tdx")["summary"]
     assert (report["verdict"], report["exit_code"]) == ("block", 3)
@@ -115,6 +115,30 @@ def test_unknown_tdx_use_keeps_phase_skips_and_the_load_cap(tmp_path: Path) -> N
     report, st = check(tmp_path / "load", spec, "load")
     assert st["guests.td"] == "warn" and st["guests.teardown"] == "skip"
     assert "could not read kvm_intel tdx" in row(report, "guests.td")["summary"]
+
+
+def test_tdx_in_use_and_no_source_telling_the_module_state_warns(tmp_path: Path) -> None:
+    report, st = check(tmp_path, plain_host(tdx_flag=True, kvm_intel_tdx=None))
+    assert report["host"]["tdx_in_use"] == "yes"
+    assert st["tdx.module"] == "warn"
+    assert "no source tells the TDX module state" in row(report, "tdx.module")["summary"]
+    assert st["postkexec.tdx"] == "unknown" and report["exit_code"] == 0
+
+
+def test_unreadable_kexec_sysfs_on_a_non_tdx_host_is_at_worst_a_warning(tmp_path: Path) -> None:
+    spec = plain_host(kexec_loaded=None)
+    spec.extra_files["sys/kernel/kexec_loaded"] = "yes\n"
+    report, st = check(tmp_path, spec)
+    assert st["kernel.kexec"] == "warn" and "cannot read" in row(report, "kernel.kexec")["summary"]
+    assert report["exit_code"] == 0
+
+
+def test_no_kexec_is_not_capped_when_tdx_use_is_unknown(tmp_path: Path) -> None:
+    spec = plain_host(kexec_loaded=None)
+    spec.extra_files["sys/module/kvm_intel/parameters/tdx"] = "maybe\n"
+    report, st = check(tmp_path, spec)
+    assert report["host"]["tdx_in_use"] == "unknown"
+    assert st["kernel.kexec"] == "fail" and report["exit_code"] == 1
 
 
 def test_an_unreadable_kernel_log_alone_is_not_unknown(tmp_path: Path) -> None:

@@ -88,6 +88,44 @@ def test_emerald_rapids_7_2_with_its_module_listed_is_allowed(tmp_path: Path, ph
     }
 
 
+def test_text_output_says_which_passes_rest_on_the_list(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "1.5.08")
+    root = build(tmp_path / "root", emerald_rapids_7_2())
+    run = run_cli("check", "--root", str(root), "--config", cfg)
+    assert run.code == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[-2].startswith("verdict: ALLOW")
+    assert lines[-1] == (
+        f"passes resting on sys_disable_module_versions (config {cfg}): "
+        "errata.tdx_pw_mce, postkexec.tdx for module 1.5.08"
+    )
+    unlisted = run_cli("check", "--root", str(root), "--config", config(tmp_path, "1.5.16"))
+    assert "resting on" not in unlisted.stdout
+
+
+def test_metrics_say_which_passes_rest_on_the_list(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cfg = config(tmp_path, "1.5.08")
+    root = build(tmp_path / "root", emerald_rapids_7_2())
+    prom = tmp_path / "m.prom"
+    args = ("--root", str(root), "--config", cfg, "--metrics-file", str(prom))
+    run = run_cli("hook", *args, "--", "-p", "/boot/vmlinuz", "--initrd=/boot/initrd.img")
+    assert run.code == 0, run.stderr
+    text = prom.read_text()
+    got = {
+        (s.labels["phase"], s.labels["check"], s.labels["module_version"], s.value)
+        for fam in text_string_to_metric_families(text)
+        if fam.name == "tdx_preflight_sys_disable_vouched"
+        for s in fam.samples
+    }
+    assert got == {("crash", "errata.tdx_pw_mce", "1.5.08", 1.0)}
+    run = run_cli("check", *args)
+    assert run.code == 0 and 'check="postkexec.tdx"' in prom.read_text()
+    run_cli("check", *args[:2], "--metrics-file", str(prom))  # no list: nothing rests on it
+    assert "tdx_preflight_sys_disable_vouched{" not in prom.read_text()
+
+
 def test_another_listed_version_does_not_vouch(tmp_path: Path) -> None:
     cfg = config(tmp_path, "1.5.16")
     report, st = check(tmp_path, emerald_rapids_7_2(), "exec", "--config", cfg)
@@ -135,7 +173,22 @@ def test_erratum_on_a_vendor_kernel_without_refusal_is_unsafe(tmp_path: Path) ->
     assert erratum["summary"].endswith("kexec would not reset TDX private memory: unsafe")
 
 
+def test_erratum_on_6_18_without_kexec_sysfs_is_unsafe_not_refused(tmp_path: Path) -> None:
+    spec = tdx_host(
+        cpu="sapphire_rapids", kexec_loaded=None, kexec_crash_loaded=None, kexec_crash_size=None
+    )
+    report, _ = check(tmp_path, spec, "crash")
+    erratum = of(report, "errata.tdx_pw_mce")
+    assert erratum["status"] == "fail" and erratum["blocking"] is True
+    assert erratum["summary"].endswith("kexec would not reset TDX private memory: unsafe")
+
+
 # -- kernel.cache_flush --------------------------------------------------------------------
+
+
+def test_a_release_that_does_not_parse_counts_as_below_6_18(tmp_path: Path) -> None:
+    report, st = check(tmp_path, tdx_host(release="custom-build", kallsyms=None))
+    assert st["kernel.cache_flush"] == "unknown" and report["exit_code"] == 3
 
 
 @pytest.mark.parametrize(
@@ -318,6 +371,12 @@ def test_an_update_in_flight_blocks_exec(tmp_path: Path, status: str) -> None:
         "seamldr_version": "2.0.00",
         "num_remaining_updates": "16",
     }
+
+
+def test_an_update_status_the_kernel_does_not_print_fails(tmp_path: Path) -> None:
+    report, st = check(tmp_path, tdx_host_7(fw_upload={"status": "frobnicating"}))
+    assert st["tdx.module_update"] == "fail" and report["exit_code"] == 1
+    assert "in an unknown state" in of(report, "tdx.module_update")["summary"]
 
 
 @pytest.mark.parametrize("phase", ["load", "crash"])

@@ -63,9 +63,9 @@ def _kexec_evidence(facts: HostFacts) -> dict[str, Any]:
 def kernel_kexec(facts: HostFacts, phase: str) -> Outcome:
     k = facts.kexec
     evidence = _kexec_evidence(facts)
-    tdx = facts.tdx_use.state == "yes"
     outcome = _kexec_rules(k, phase, evidence, _no_kexec_remedy(facts), _no_kexec(facts))
-    if not tdx:
+    # Only "no" caps: when TDX use is unknown, TDX may be in use (fail closed).
+    if facts.tdx_use.state == "no":
         return outcome.at_worst_warn("TDX not in use: kexec-tools reports its own errors")
     return outcome
 
