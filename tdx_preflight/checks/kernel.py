@@ -237,7 +237,8 @@ def kexec_image(facts: HostFacts, phase: str) -> Outcome:
     k = facts.kexec
     evidence = _kexec_evidence(facts)
     value = k.loaded if phase == "exec" else k.crash_loaded
-    if isinstance(value, Problem) and value.kind == "absent" and phase == "exec":
+    missing = isinstance(value, Problem) and value.kind == "absent"
+    if missing and isinstance(k.loaded, Problem) and k.loaded.kind == "absent":
         # kernel.kexec fails on this: say so, not "cannot tell whether a kernel is loaded".
         return Outcome(
             "unknown",
@@ -246,7 +247,7 @@ def kexec_image(facts: HostFacts, phase: str) -> Outcome:
             evidence,
             _no_kexec_remedy(facts),
         )
-    if isinstance(value, Problem) and value.kind == "absent":
+    if missing:
         return Outcome(
             "unknown",
             "no crash kernel can be loaded: the running kernel has no crash kexec support "
