@@ -7,14 +7,15 @@ Registered on the CLI group by cli.py; each is a StrictCommand like every other 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .clioptions import StrictCommand, common
-from .integrations import Step
 from .report import EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_USAGE
+
+if TYPE_CHECKING:  # integrations (pathlib, hashlib, dataclasses) load only when a command runs
+    from .integrations import Step
 
 _prefix = click.option(
     "--prefix",
@@ -54,6 +55,8 @@ def install_integrations_cmd(prefix: str, dry_run: bool) -> None:
     nothing is there. What it writes is recorded (PREFIX/var/lib/tdx-preflight/
     integrations.json) for uninstall-integrations. Exit 2 when it cannot.
     """
+    from pathlib import Path
+
     from .integrations import MANIFEST, install_integrations
 
     script = Path(sys.executable).parent / "tdx-preflight"
