@@ -145,10 +145,6 @@ class HostFacts(NamedTuple):
         return self.cpuinfo.is_intel
 
 
-def _said(value: object) -> str:
-    return f"unreadable ({value})" if isinstance(value, Problem) else str(value)
-
-
 def tdx_use(
     cpu: cpuinfo.CpuInfo | Problem,
     capacity: int | Problem,
