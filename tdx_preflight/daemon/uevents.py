@@ -147,11 +147,13 @@ class UeventSource:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                data = await loop.sock_recv(sock, _RECV_SIZE)
+                data, sender = await loop.sock_recvfrom(sock, _RECV_SIZE)
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     raise Overflow(str(exc)) from None
                 raise
+            if sender[0] != 0:
+                continue  # not from the kernel (nl_pid 0): a process cannot speak for KVM
             try:
                 fields = parse_uevent(data)
             except ValueError as exc:
