@@ -20,11 +20,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from debbuild import BUILD_ENV, REPO, BuildFailed, build_deb, build_tools_missing
 
-REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "debian-root"
-#: Debian's own python3 and tools: a venv's or pyenv's python must not build the package.
-BUILD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 #: The throwaway root holds the package's dependencies and kexec-tools before the install,
 #: so that the install and purge compared are the package's alone (and the diversion has a
 #: kexec to divert).
@@ -49,7 +47,7 @@ DEB_DEPENDS = (
 )
 
 needs_build_tools = pytest.mark.skipif(
-    not all(shutil.which(t, path=BUILD_ENV["PATH"]) for t in ("dpkg-buildpackage", "lintian")),
+    bool(build_tools_missing()),
     reason="needs dpkg-buildpackage, dh-python, pybuild-plugin-pyproject and lintian "
     "(README's test command installs them)",
 )
@@ -72,25 +70,10 @@ def test_readme_test_command_is_what_ci_runs() -> None:
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The .deb built by dpkg-buildpackage from a copy of the tree (tracked and new files)."""
-    work = tmp_path_factory.mktemp("debbuild")
-    src = work / "src"
-    files = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO)
-    assert files.returncode == 0, files.stderr
-    for name in filter(None, files.stdout.split("\0")):
-        source = REPO / name
-        if not source.exists() and not source.is_symlink():
-            continue  # deleted in the working tree
-        target = src / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_symlink():
-            target.symlink_to(os.readlink(source))
-        else:
-            shutil.copy2(source, target)
-    env = {**BUILD_ENV, "HOME": str(work)}
-    build = _run(["nice", "-n", "10", "dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, env=env)
-    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
-    (built,) = work.glob("tdx-preflight_*_all.deb")
-    return built
+    try:
+        return build_deb(tmp_path_factory.mktemp("debbuild"))
+    except BuildFailed as exc:
+        pytest.fail(f"dpkg-buildpackage failed:\n{exc}")
 
 
 @needs_build_tools

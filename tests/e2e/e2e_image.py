@@ -1,13 +1,15 @@
-"""Build (once) and cache the Debian guest image the e2e kexec test boots.
+"""Build (once) and cache the Debian guest image the e2e test boots.
 
-Two cache layers under ``$TDXPF_E2E_CACHE`` (default ``/var/cache/tdx-preflight-e2e``):
+Two cache layers under ``$TDXPF_E2E_CACHE`` (default ``.cache/e2e`` in the tree, git-ignored):
 
-- ``base-<hash>/rootfs``: an mmdebstrap tree (minbase + kernel, kexec-tools, python3,
-  systemd, udev, kmod) keyed by the hash of the base recipe below;
+- ``base-<hash>/rootfs``: an mmdebstrap tree of Debian 12 (minbase, the kernel, systemd with
+  logind and D-Bus, kexec-tools, kdump-tools and the package's dependencies) keyed by the
+  hash of the recipe below;
 - ``image-<hash>/``: ``root.ext4`` (mke2fs -d), ``vmlinuz``, ``initrd.img``, keyed by the
-  base hash + the guest driver files + the project's source tree; the project is
-  installed into a venv in the guest from wheels built on the host (``pip wheel``),
-  offline (``--no-index --find-links``).
+  base hash, the guest files and the project's tree. The project goes in as its Debian
+  package: built from the tree by dpkg-buildpackage (tests/debbuild.py) and installed with
+  ``dpkg -i`` in the guest's root, so the guest runs what a Debian operator installs (the
+  unit, the drop-ins, the kexec diversion, the conffile).
 
 Run ``python tests/e2e/e2e_image.py`` to build without booting; it prints the image dir.
 """
@@ -25,47 +27,65 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent.parent
 GUEST = HERE / "guest"
-CACHE = Path(os.environ.get("TDXPF_E2E_CACHE", "/var/cache/tdx-preflight-e2e"))
+CACHE = Path(os.environ.get("TDXPF_E2E_CACHE", PROJECT / ".cache" / "e2e"))
+sys.path.insert(0, str(PROJECT / "tests"))
+from debbuild import build_deb  # noqa: E402
 
 SUITE = "bookworm"
 MIRRORS = (
     "deb http://deb.debian.org/debian bookworm main",
-    "deb http://deb.debian.org/debian bookworm-updates main",
     "deb http://deb.debian.org/debian-security bookworm-security main",
 )
 PACKAGES = (
     "linux-image-amd64",
     "kexec-tools",
-    "python3",
-    "python3-venv",
+    "kdump-tools",
     "systemd-sysv",
+    "dbus",
     "udev",
     "kmod",
     "procps",
-    "e2fsprogs",
+    "python3",
+    # The package's dependencies (debian/control), so that `dpkg -i` needs no network.
+    "python3-click",
+    "python3-jeepney",
+    "python3-prometheus-client",
+    "python3-psutil",
+    "python3-yaml",
 )
-# A small initramfs (TCG decompresses and boots it much faster than MODULES=most).
+# A small initramfs (TCG decompresses and boots it much faster than MODULES=most). Set before
+# the kernel is configured, so that kdump-tools' kernel hook builds its crash-kernel initrd
+# from the same list (its default, MODULES=dep, cannot find a root device in a chroot).
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+ESSENTIAL_HOOK = r"""
+mkdir -p "$1/etc/initramfs-tools/conf.d"
+printf 'MODULES=list\nCOMPRESS=gzip\n' > "$1/etc/initramfs-tools/conf.d/tdxpf-e2e"
+"""
 BASE_HOOK = r"""
 set -e
 root="$1"
 echo tdxpf-e2e > "$root/etc/hostname"
-printf 'MODULES=list\nCOMPRESS=gzip\n' > "$root/etc/initramfs-tools/conf.d/tdxpf-e2e"
 printf '%s\n' {modules} >> "$root/etc/initramfs-tools/modules"
 chroot "$root" update-initramfs -u -k all
+for v in $(chroot "$root" linux-version list); do
+    chroot "$root" /etc/kernel/postinst.d/kdump-tools "$v"
+done
 : > "$root/etc/fstab"
+# A persistent journal: the second boot reads the first one's (journalctl -b -1).
+mkdir -p "$root/var/log/journal"
 for u in serial-getty@ttyS0.service getty@tty1.service apt-daily.timer \
          apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer \
-         systemd-timesyncd.service kexec-load.service kexec.service; do
+         systemd-timesyncd.service man-db.timer; do
     ln -sf /dev/null "$root/etc/systemd/system/$u"
 done
 rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
 """.replace("{modules}", " ".join(INITRAMFS_MODULES))
 
-# Project files that go into the wheel (hashed for the image key, copied for the build).
+# Project files that go into the package (hashed for the image key).
 PROJECT_EXCLUDE = {
     ".venv",
     ".git",
+    ".cache",
     "tests",
     "bench",
     "build",
@@ -91,8 +111,8 @@ def _sha(*parts: bytes) -> str:
 
 
 def base_key() -> str:
-    recipe = "\n".join((SUITE, *MIRRORS, *PACKAGES, BASE_HOOK, "minbase")).encode()
-    return _sha(recipe)
+    recipe = "\n".join((SUITE, *MIRRORS, *PACKAGES, ESSENTIAL_HOOK, BASE_HOOK, "minbase"))
+    return _sha(recipe.encode())
 
 
 def _project_files() -> list[Path]:
@@ -110,6 +130,8 @@ def _project_files() -> list[Path]:
 
 def image_key() -> str:
     parts = [base_key().encode(), Path(__file__).read_bytes()]
+    for p in (PROJECT / "tests/kvm_holder.py", PROJECT / "tests/debbuild.py"):
+        parts += [p.name.encode(), p.read_bytes()]
     for p in sorted(GUEST.rglob("*")):
         if p.is_file():
             parts += [str(p.relative_to(GUEST)).encode(), p.read_bytes()]
@@ -137,6 +159,7 @@ def build_base() -> Path:
             "--variant=minbase",
             "--mode=root",
             "--include=" + ",".join(PACKAGES),
+            "--essential-hook=" + ESSENTIAL_HOOK.strip(),
             "--customize-hook=" + BASE_HOOK.strip(),
             SUITE,
             str(tmp),
@@ -148,21 +171,13 @@ def build_base() -> Path:
     return rootfs
 
 
-def build_wheels(out: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix="tdxpf-e2e-src-") as src:
-        for p in _project_files():
-            dst = Path(src) / p.relative_to(PROJECT)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, dst)
-        # Built from a copy so that setuptools writes nothing (build/, egg-info) into the repo.
-        run([sys.executable, "-m", "pip", "wheel", "-q", src, "-w", str(out)])
-
-
+# What the guest's root gets besides the package: the boot-time driver and its unit, the
+# KVM VM holder of the live tests, and the operator's edits to the package's conffile.
 GUEST_INSTALL = r"""
 set -e
-python3 -m venv /opt/tdx-preflight
-/opt/tdx-preflight/bin/pip install -q --no-index --find-links /opt/tdxpf-wheels tdx-preflight
-ln -sf /opt/tdx-preflight/bin/tdx-preflight /usr/local/bin/tdx-preflight
+dpkg -i /tmp/tdx-preflight.deb
+rm /tmp/tdx-preflight.deb
+cat /etc/tdxpf-e2e/config-append.yaml >> /etc/tdx-preflight/config.yaml
 systemctl enable tdxpf-e2e.service
 """
 
@@ -178,18 +193,28 @@ def build_image() -> Path:
     d.mkdir(parents=True)
     work = d / "rootfs"
     run(["cp", "-a", str(base), str(work)])
-    wheels = work / "opt/tdxpf-wheels"
-    wheels.mkdir(parents=True)
-    build_wheels(wheels)
+    with tempfile.TemporaryDirectory(prefix="tdxpf-e2e-deb-") as tmp:
+        log("building the Debian package (dpkg-buildpackage)")
+        shutil.copy2(build_deb(Path(tmp)), work / "tmp/tdx-preflight.deb")
     shutil.copy2(GUEST / "tdxpf-e2e", work / "usr/local/sbin/tdxpf-e2e")
     os.chmod(work / "usr/local/sbin/tdxpf-e2e", 0o755)
     shutil.copy2(GUEST / "tdxpf-e2e.service", work / "etc/systemd/system/tdxpf-e2e.service")
     (work / "etc/tdxpf-e2e").mkdir(exist_ok=True)
     for p in GUEST.glob("*.yaml"):
         shutil.copy2(p, work / "etc/tdxpf-e2e" / p.name)
-    # systemctl enable works offline in a chroot; the venv needs no /proc for a pure install.
+    shutil.copy2(PROJECT / "tests/kvm_holder.py", work / "etc/tdxpf-e2e/kvm_holder.py")
+    # dpkg -i and systemctl enable work offline in a chroot: no service is started there
+    # (deb-systemd-invoke starts nothing while systemd does not run).
     clean_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
-    run(["chroot", str(work), "/bin/sh", "-c", GUEST_INSTALL], env=clean_env)
+    # Its own mount and PID namespaces with a /proc of their own: gone with the process.
+    inner = (
+        f'mount --make-rprivate / && mount -t proc proc "{work}/proc" && '
+        f'exec chroot "{work}" /bin/sh -c "$1"'
+    )
+    run(
+        ["unshare", "--mount", "--pid", "--fork", "sh", "-c", inner, "sh", GUEST_INSTALL],
+        env=clean_env,
+    )
     boot = work / "boot"
     kernels = sorted(boot.glob("vmlinuz-*"))
     if not kernels:
