@@ -236,7 +236,7 @@ def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -
     code = 0 if e.complete else EXIT_UNKNOWN
     procs = None
     if host.live and (verbose or fmt == "json"):
-        from .procinfo import process_info
+        from .readers.procinfo import process_info
 
         procs = {g.pid: process_info(g.pid) for g in facts.guests if g.pid is not None}
     if fmt == "json":

@@ -20,8 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tdx_preflight"
 #: file without .py); "" is the package's own __init__ (the version).
 ORDER: list[tuple[str, tuple[str, ...]]] = [
     ("host", ("", "host")),
-    # procinfo reads the live process table through psutil: a reader that needs no root.
-    ("readers", ("readers", "procinfo")),
+    ("readers", ("readers",)),
     ("facts", ("facts",)),
     ("checks", ("checks",)),
     ("policy", ("policy",)),

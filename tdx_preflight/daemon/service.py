@@ -22,8 +22,8 @@ from ..facts import HostFacts, gather
 from ..host import Host, Problem
 from ..metrics import write_metrics
 from ..policy import ConfigError, Policy, load
-from ..procinfo import own_health
 from ..readers import kvm, vmclass
+from ..readers.procinfo import own_health
 from ..report import Report, evaluate
 from .control import ControlServer, Peer, RequestError
 from .ledger import CREATE_GRACE, Entry, VmLedger, rfc3339
