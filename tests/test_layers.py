@@ -29,7 +29,7 @@ ORDER: list[tuple[str, tuple[str, ...]]] = [
     # What takes a report or the checks' phases further: output, the gate, snapshots.
     ("renderers and gate", ("render", "metrics", "gate", "kexec_args", "snapshot")),
     ("daemon", ("daemon",)),
-    ("commands", ("cli", "cliadmin", "clioptions", "integrations")),
+    ("commands", ("cli", "integrations")),
 ]
 LAYERS = {name: rank for rank, (_, names) in enumerate(ORDER) for name in names}
 
