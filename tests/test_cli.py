@@ -108,7 +108,7 @@ def _td_root(tmp_path: Path) -> Path:
 
 def test_every_command_reads_options_one_way() -> None:
     from tdx_preflight.cli import cli
-    from tdx_preflight.clioptions import StrictCommand, StrictGroup
+    from tdx_preflight.cli.options import StrictCommand, StrictGroup
 
     assert isinstance(cli, StrictGroup) and cli.commands
     assert all(isinstance(cmd, StrictCommand) for cmd in cli.commands.values())

@@ -20,8 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tdx_preflight"
 #: file without .py); "" is the package's own __init__ (the version).
 ORDER: list[tuple[str, tuple[str, ...]]] = [
     ("host", ("", "host")),
-    # procinfo reads the live process table through psutil: a reader that needs no root.
-    ("readers", ("readers", "procinfo")),
+    ("readers", ("readers",)),
     ("facts", ("facts",)),
     ("checks", ("checks",)),
     ("policy", ("policy",)),
@@ -30,7 +29,7 @@ ORDER: list[tuple[str, tuple[str, ...]]] = [
     # What takes a report or the checks' phases further: output, the gate, snapshots.
     ("renderers and gate", ("render", "metrics", "gate", "kexec_args", "snapshot")),
     ("daemon", ("daemon",)),
-    ("commands", ("cli", "cliadmin", "clioptions", "integrations")),
+    ("commands", ("cli", "integrations")),
 ]
 LAYERS = {name: rank for rank, (_, names) in enumerate(ORDER) for name in names}
 

@@ -1,4 +1,5 @@
-"""How every command reads its own options: one mechanism, shared by the whole CLI.
+"""How every command reads its own options: one mechanism, and one definition of each
+option that commands share, for the whole CLI.
 
 DESIGN.md, "The gate": options are options wherever they stand; a command's
 foreign arguments (kexec's, or the command `exec` runs) are only what follows
@@ -121,3 +122,21 @@ _common_config = click.option(
 def common(func: Callable[..., Any]) -> Callable[..., Any]:
     """--root and --config, the same on every command."""
     return _common_root(_common_config(func))
+
+
+#: --metrics-file, for the commands that run the checks (check, hook, exec).
+metrics_option = click.option(
+    "--metrics-file",
+    type=click.Path(),
+    default=None,
+    help="Also write node_exporter textfile metrics here: a file, or a directory to write "
+    "tdx_preflight_cli.prom in (e.g. /var/lib/prometheus/node-exporter).",
+)
+
+#: -q/--quiet, for the commands whose exit code is the answer (check, hook).
+quiet_option = click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Exit code only: print nothing (usage and configuration errors, exit 2, still do).",
+)

@@ -1,0 +1,57 @@
+"""Command line: parse, call, render, exit code. No logic of its own.
+
+The group (group.py) and the console entry point (main, here). The commands live beside
+this file, grouped by what they serve: check.py (check, guests, explain, schema), gate.py
+(hook, exec), daemon.py (daemon, status, reload), snapshot.py (snapshot) and admin.py
+(install-integrations, uninstall-integrations, keep-crash-kernel). options.py is how every
+command reads its options; run.py is what the commands share (host, checks, output).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ..report import EXIT_UNKNOWN, EXIT_USAGE
+
+# Importing a command module registers its commands on the group.
+from . import admin, check, daemon, gate, snapshot  # noqa: F401
+from .group import cli
+
+__all__ = ["COMPLETE_VAR", "cli", "main"]
+
+#: click's shell-completion switch; a shell calls the program with it and no arguments.
+COMPLETE_VAR = "_TDX_PREFLIGHT_COMPLETE"
+
+
+def main() -> None:
+    """Console entry point: never exits 0 on an internal error, nor for having
+    printed something other than a verdict when a command was asked for.
+
+    Shell completion runs only when no argument is given (as the shells call it):
+    with arguments, the completion variable is ignored and the command runs. The
+    group's --help and --version answer only when they stand alone: before a
+    command (`--version hook exec`) they are a usage error, never an exit 0.
+    """
+    args = sys.argv[1:]
+    if args:
+        os.environ.pop(COMPLETE_VAR, None)
+        if args[0] in ("-h", "--help", "--version") and len(args) > 1:
+            click.echo(
+                f"Usage: tdx-preflight {args[0]}\n"
+                f"Error: {args[0]} stands alone; a command's own help is COMMAND --help",
+                err=True,
+            )
+            sys.exit(EXIT_USAGE)
+    try:
+        cli.main(prog_name="tdx-preflight", complete_var=COMPLETE_VAR)
+    except SystemExit:
+        raise
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        click.echo("tdx-preflight: internal error: not allowing kexec", err=True)
+        sys.exit(EXIT_UNKNOWN)
