@@ -71,11 +71,19 @@ def _blocks(text: str, path: str) -> list[dict[str, str]] | Problem:
     blocks: list[dict[str, str]] = []
     current: dict[str, str] = {}
     seen: set[str] = set()
+    # Most lines repeat on every CPU (flags, model name...): each distinct line is split once.
+    # (key, its value when the checks use it) of each line with a colon, else None.
+    parsed: dict[str, tuple[str, str | None] | None] = {}
     for line in text.split("\n"):
-        key, sep, value = line.partition(":")
-        if not sep:
+        if line in parsed:
+            kv = parsed[line]
+        else:
+            key, sep, raw = line.partition(":")
+            key = key.rstrip()
+            kv = parsed[line] = (key, raw.strip() if key in _KEYS else None) if sep else None
+        if kv is None:
             continue
-        key = key.rstrip()
+        key, value = kv
         if key == "processor":
             current = {}
             seen = set()
@@ -84,8 +92,8 @@ def _blocks(text: str, path: str) -> list[dict[str, str]] | Problem:
             n = current.get("processor", "?")
             return Problem("malformed", path, f"processor {n}: {key!r} appears twice")
         seen.add(key)
-        if key in _KEYS:
-            current[key] = value.strip()
+        if value is not None:
+            current[key] = value
     return blocks
 
 

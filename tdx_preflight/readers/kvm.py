@@ -66,12 +66,31 @@ class Enumeration(NamedTuple):
 # -- enumeration ------------------------------------------------------------------
 
 
-_STATUS_LINE = re.compile(r"^(Tgid|Uid):[ \t]*([^\n]*)", re.MULTILINE)
+def _status_value(text: str, key: str) -> str | None:
+    """The value of the last line `KEY:VALUE` of a status text, stripped; None when none."""
+    at = text.rfind("\n" + key + ":")
+    if at >= 0:
+        start = at + len(key) + 2
+    elif text.startswith(key + ":"):
+        start = len(key) + 1
+    else:
+        return None
+    end = text.find("\n", start)
+    return text[start : end if end >= 0 else len(text)].strip()
 
 
 def parse_status(text: str) -> dict[str, str]:
-    """The Tgid and Uid lines of /proc/PID/status (all this package needs of it)."""
-    return {m.group(1): m.group(2).strip() for m in _STATUS_LINE.finditer(text)}
+    """The Tgid and Uid lines of /proc/PID/status (all this package needs of it), by name.
+
+    Found by string search, not a per-line scan: a status file is about 55 lines, and
+    the check reads one per VM (fs/proc/array.c prints each of these lines once).
+    """
+    out: dict[str, str] = {}
+    for key in ("Tgid", "Uid"):
+        value = _status_value(text, key)
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def tgid_of(host: Host, tid: int) -> int | Problem:

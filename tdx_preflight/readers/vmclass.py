@@ -166,7 +166,9 @@ def cmdline_td_evidence(
             evidence = option_td_evidence(option, value)
             if evidence:
                 return evidence
-    if any(is_tdx_flag(a) for a in args):
+    # One search of the joined line tells whether any argument can be `--tdx=...`: an
+    # argument that starts so leaves its text in the join (QEMU lines never do).
+    if "--tdx" in args or ("--tdx=" in "\0".join(args) and any(map(is_tdx_flag, args))):
         return "command line: cloud-hypervisor --tdx"
     return None
 
