@@ -5,9 +5,6 @@ Kept apart from the server so that `check` pays for a socket, not for asyncio.
 
 from __future__ import annotations
 
-# The C module: the `socket` wrapper builds IntEnums of every constant at import,
-# about 4 ms that every `check` would pay for one connect.
-import _socket
 import json
 from typing import Any, NamedTuple
 
@@ -33,6 +30,9 @@ def exchange(path: str, obj: dict[str, Any], timeout: float = 5.0) -> Reply | No
     nesting included). A server that trickles bytes cannot hold the caller: the
     deadline covers connect, send and every receive together.
     """
+    # The C module: the `socket` wrapper builds IntEnums of every constant at import (about
+    # 4 ms), and only a request that has a socket to go to pays for loading it.
+    import _socket
     import struct
     import time
 
@@ -102,7 +102,11 @@ def daemon_ledger(socket_path: str, root: str, timeout: float = 2.0) -> DaemonLe
     The reply must come from the process it names (SO_PEERCRED) and have the
     ledger's shape; anything else is "no ledger", and the caller checks alone.
     """
-    got = exchange(socket_path, {"op": "ledger"}, timeout)
+    import os
+
+    # No socket file: no daemon, as a refused connect would say, without loading the socket
+    # module. (A daemon starting meanwhile is one a moment later: the same race as ever.)
+    got = exchange(socket_path, {"op": "ledger"}, timeout) if os.path.exists(socket_path) else None
     reply = got.body if got is not None else None
     if got is None or reply is None or reply.get("ok") is not True:
         return DaemonLedger(
