@@ -64,6 +64,7 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     ci = (REPO / ".ci/run").read_text().rstrip("\n").splitlines()[-1]
     assert readme[at + 1] == ci
     assert "mmdebstrap" in ci and "pybuild-plugin-pyproject" in ci and "lintian" in ci
+    assert "qemu-system-x86" in ci  # the e2e guest (tests/e2e) runs in CI too
     assert ci.count("apt-get install -y -qq --no-upgrade --no-install-recommends ") == 1
 
 

@@ -67,8 +67,11 @@ root="$1"
 echo tdxpf-e2e > "$root/etc/hostname"
 printf '%s\n' {modules} >> "$root/etc/initramfs-tools/modules"
 chroot "$root" update-initramfs -u -k all
+# The crash-kernel initrd, and the stamp kdump-config compares to decide to rebuild it at boot
+# (two minutes under TCG otherwise).
 for v in $(chroot "$root" linux-version list); do
     chroot "$root" /etc/kernel/postinst.d/kdump-tools "$v"
+    cp "$root/etc/kdump/sysctl.conf" "$root/var/lib/kdump/latest_sysctls-$v"
 done
 : > "$root/etc/fstab"
 # A persistent journal: the second boot reads the first one's (journalctl -b -1).
