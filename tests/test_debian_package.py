@@ -188,12 +188,20 @@ def test_kexec_gated_manual_page_matches_the_wrapper() -> None:
 # the tool, leftovers the agent would make, `apt-get purge`, the file list and kexec after.
 SCENARIO = r"""
 set -eu
+# `set -e` stops neither at `! CMD` nor at any command of an && list but the last: a check
+# with either says `|| fail` itself.
+fail() { echo "scenario failed: $*" >&2; exit 91; }
 snap() {
     find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /tmp \) -prune -o -print |
         LC_ALL=C sort
 }
 state() {
     sha256sum /sbin/kexec; dpkg-divert --list | LC_ALL=C sort; cat /var/lib/dpkg/triggers/File
+}
+# Without kexec-tools: no /sbin/kexec at all.
+state2() {
+    ls -l /sbin/kexec /sbin/kexec.distrib 2>&1 || true
+    dpkg-divert --list | LC_ALL=C sort; cat /var/lib/dpkg/triggers/File
 }
 snap >/tmp/before; state >/tmp/state.before
 
@@ -221,14 +229,39 @@ snap >/tmp/after; state >/tmp/state.after
 # kexec-tools installed after tdx-preflight: the file trigger makes the diversion then.
 dpkg -r kexec-tools
 dpkg -i /tmp/tdx-preflight.deb
-! dpkg-divert --list | grep -q tdx-preflight
+! dpkg-divert --list | grep -q tdx-preflight || fail "diverted without kexec-tools"
 DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/kexec-tools.deb
 dpkg-divert --list /sbin/kexec | grep -q 'to /sbin/kexec.distrib by tdx-preflight$'
 test "$(readlink /sbin/kexec)" = /usr/sbin/kexec-gated
 /sbin/kexec --version
 dpkg -P tdx-preflight
-test -f /sbin/kexec && ! test -L /sbin/kexec && ! dpkg-divert --list | grep -q tdx-preflight
+{ test -f /sbin/kexec && ! test -L /sbin/kexec; } || fail "kexec-tools' kexec not back"
+! dpkg-divert --list | grep -q tdx-preflight || fail "diversion left by the purge"
 echo "trigger: diverted when kexec-tools came later"
+
+# kexec-tools removed while the diversion stands: dpkg removes its kexec under the diverted
+# name, and the same trigger takes our link and the diversion away (no dangling /sbin/kexec).
+dpkg -P kexec-tools
+snap >/tmp/before2; state2 >/tmp/state2.before
+DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/kexec-tools.deb
+dpkg -i /tmp/tdx-preflight.deb
+dpkg-divert --list /sbin/kexec | grep -q 'to /sbin/kexec.distrib by tdx-preflight$'
+test "$(readlink /sbin/kexec)" = /usr/sbin/kexec-gated
+dpkg -r kexec-tools
+{ ! test -e /sbin/kexec && ! test -L /sbin/kexec; } || fail "/sbin/kexec left behind"
+! test -e /sbin/kexec.distrib || fail "kexec-tools' kexec left behind"
+! dpkg-divert --list | grep -q tdx-preflight || fail "diversion left without kexec-tools"
+test "$(dpkg-query -W -f '${db:Status-Status}' tdx-preflight)" = installed
+echo "trigger: undiverted when kexec-tools went"
+# Back again: diverted again, by the same trigger.
+DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/kexec-tools.deb
+dpkg-divert --list /sbin/kexec | grep -q 'to /sbin/kexec.distrib by tdx-preflight$'
+test "$(readlink /sbin/kexec)" = /usr/sbin/kexec-gated
+{ test -x /sbin/kexec.distrib && ! test -L /sbin/kexec.distrib; } || fail "no kexec diverted"
+/sbin/kexec --version
+echo "trigger: diverted again when kexec-tools came back"
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -q tdx-preflight kexec-tools
+snap >/tmp/after2; state2 >/tmp/state2.after
 """
 
 #: Written by every dpkg and apt run, whatever the package (mmdebstrap empties apt's caches
@@ -302,18 +335,23 @@ def test_install_then_purge_leaves_the_root_as_it_was(deb: Path, tmp_path: Path)
     log = run.stdout[-6000:] + run.stderr[-6000:]
     assert run.returncode == 0, log
 
-    before = (root / "tmp/before").read_text().splitlines()
-    after = (root / "tmp/after").read_text().splitlines()
-
     def ours(path: str) -> bool:
         return not path.startswith(CHURN) or path.startswith(CHURN_EXCEPT)
 
-    added = sorted(set(after) - set(before))
-    removed = sorted(set(before) - set(after))
-    assert [p for p in added if ours(p)] == [], log
-    assert [p for p in removed if ours(p)] == [], log
-    print(f"install + purge: {len(before)} paths before and after; dpkg/apt churn only: {added}")
-    # The same kexec binary at /sbin/kexec, no diversion and no file trigger left.
-    assert (root / "tmp/state.after").read_text() == (root / "tmp/state.before").read_text()
+    for tag, what in (("", "install + purge"), ("2", "kexec-tools gone and back + purge")):
+        before = (root / f"tmp/before{tag}").read_text().splitlines()
+        after = (root / f"tmp/after{tag}").read_text().splitlines()
+        added = sorted(set(after) - set(before))
+        removed = sorted(set(before) - set(after))
+        assert [p for p in added if ours(p)] == [], (what, log)
+        assert [p for p in removed if ours(p)] == [], (what, log)
+        print(f"{what}: {len(before)} paths before and after; dpkg/apt churn only: {added}")
+        # The same kexec (or none), no diversion and no file trigger left.
+        state_before = (root / f"tmp/state{tag}.before").read_text()
+        assert (root / f"tmp/state{tag}.after").read_text() == state_before, what
+        assert "tdx-preflight" not in state_before, what
+    assert "No such file" in (root / "tmp/state2.after").read_text()
     assert "check exit" in run.stdout
     assert "trigger: diverted when kexec-tools came later" in run.stdout
+    assert "trigger: undiverted when kexec-tools went" in run.stdout
+    assert "trigger: diverted again when kexec-tools came back" in run.stdout
