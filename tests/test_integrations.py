@@ -895,6 +895,22 @@ def test_every_shipped_drop_in_is_installed() -> None:
     }
 
 
+def test_drop_ins_say_where_both_install_paths_put_them() -> None:
+    # The package's place (debian/rules) and install-integrations' (SHIPPED), both in the
+    # drop-in's own HOW TO ENABLE.
+    rules = (REPO / "debian/rules").read_text()
+    assert "UNITS := $(PKG)/lib/systemd/system\n" in rules
+    assert "$(UNITS)/$$unit.service.d/tdx-preflight.conf" in rules
+    drop_ins = [s for s in SHIPPED if s.source.endswith(".service.d/tdx-preflight.conf")]
+    assert len(drop_ins) == len(DROP_INS)
+    for item in drop_ins:
+        how = (REPO / item.source).read_text().split("# HOW TO ENABLE\n", 1)[1]
+        how = how.split("\n#\n", 1)[0].replace("\n#  ", "")
+        packaged = "/lib/systemd/system/" + item.source.removeprefix("systemd/")
+        assert f"Debian package: installed as {packaged}" in how, item.source
+        assert f"install-integrations` writes it as /{item.destination}" in how, item.source
+
+
 def test_every_shipped_file_says_what_it_does() -> None:
     # Each integration's header: what it does, how to enable it, what it cannot catch.
     for item in SHIPPED:

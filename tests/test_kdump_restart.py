@@ -1,8 +1,9 @@
-"""`systemctl restart kdump-tools` keeps an armed crash kernel that only our check blocks.
+"""`systemctl restart kdump-tools` (or kdump) keeps an armed crash kernel only our check blocks.
 
-`keep-crash-kernel` runs for real against fixture hosts; the drop-in's ExecStop= guard runs
-under /bin/sh with recording fakes of systemctl (its job list), tdx-preflight and Debian's
-init script, as systemd would run it (the unit's own `$$` unescaped).
+`keep-crash-kernel` runs for real against fixture hosts; each kdump drop-in's ExecStop= guard
+runs under /bin/sh with recording fakes of systemctl (its job list), tdx-preflight and the
+unit's own stop (Debian's init script, kdump-utils' kdumpctl), as systemd would run it (the
+unit's own `$$` unescaped).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from conftest import run_cli
 from hostbuilder import build, tdx_host
 from test_integrations import INSTALLED_AT, REPO, Fakes, _run
 
-DROP_IN = REPO / "systemd" / "kdump-tools.service.d" / "tdx-preflight.conf"
-INIT_SCRIPT = "/etc/init.d/kdump-tools"
+#: Each kdump unit with a stop guard, and the stop its drop-in puts the guard in front of.
+UNIT_STOPS = {
+    "kdump-tools.service": "/etc/init.d/kdump-tools",  # Debian's kdump-tools
+    "kdump.service": "/usr/bin/kdumpctl",  # kdump-utils
+}
 
 
 def _keep(tmp_path: Path, config: str = "", **spec: object) -> tuple[int, str]:
@@ -59,39 +63,49 @@ def test_nothing_loaded_nothing_kept(tmp_path: Path) -> None:
     assert code == 1 and "no crash kernel is loaded" in line
 
 
-def _exec_stop(fakes: Fakes) -> list[str]:
-    values = re.findall(r"^ExecStop=(.*)$", DROP_IN.read_text(), flags=re.MULTILINE)
-    # An empty ExecStop= first: Debian's stop is replaced, not run twice.
+def _exec_stop(unit: str, fakes: Fakes) -> list[str]:
+    drop_in = REPO / "systemd" / f"{unit}.d" / "tdx-preflight.conf"
+    values = re.findall(r"^ExecStop=(.*)$", drop_in.read_text(), flags=re.MULTILINE)
+    # An empty ExecStop= first: the unit's own stop is replaced, not run twice.
     assert values[0] == "" and len(values) == 2
     argv = shlex.split(values[1].replace("$$", "$"))
-    assert argv[:2] == ["/bin/sh", "-c"] and INIT_SCRIPT + " stop" in argv[2]
+    stop = UNIT_STOPS[unit]
+    assert argv[:2] == ["/bin/sh", "-c"] and argv[2].endswith(f"; exec {stop} stop")
+    # The guard asks about this unit's jobs, not another's.
+    assert f"list-jobs --no-legend {unit} " in argv[2]
     script = argv[2].replace(INSTALLED_AT, str(fakes.bin / "tdx-preflight"))
     script = script.replace("/bin/systemctl", str(fakes.bin / "systemctl"))
-    return [*argv[:2], script.replace(INIT_SCRIPT, str(fakes.bin / "kdump-init"))]
+    return [*argv[:2], script.replace(stop, str(fakes.bin / "unit-stop"))]
 
 
+@pytest.mark.parametrize("unit", sorted(UNIT_STOPS))
 @pytest.mark.parametrize(
     ("job", "keep_rc", "calls"),
     [
-        ("restart", 0, [["keep-crash-kernel"]]),
-        ("restart", 1, [["keep-crash-kernel"], ["stop"]]),
-        ("restart", 2, [["keep-crash-kernel"], ["stop"]]),
-        ("stop", 0, [["stop"]]),
-        (None, 0, [["stop"]]),
+        ("restart", 0, [("tdx-preflight", ["keep-crash-kernel"])]),
+        ("restart", 1, [("tdx-preflight", ["keep-crash-kernel"]), ("unit-stop", ["stop"])]),
+        ("restart", 2, [("tdx-preflight", ["keep-crash-kernel"]), ("unit-stop", ["stop"])]),
+        ("stop", 0, [("unit-stop", ["stop"])]),
+        (None, 0, [("unit-stop", ["stop"])]),
     ],
 )
 def test_the_stop_guard(
-    tmp_path: Path, job: str | None, keep_rc: int, calls: list[list[str]]
+    tmp_path: Path,
+    unit: str,
+    job: str | None,
+    keep_rc: int,
+    calls: list[tuple[str, list[str]]],
 ) -> None:
     fakes = Fakes(tmp_path)
     fakes.add("tdx-preflight", 'exit "${FAKE_RC:-0}"')
-    line = f"  129 kdump-tools.service {job} running" if job else ""
-    # Only what the guard asks of systemctl is answered; list-jobs is not recorded.
+    # systemctl list-jobs answers for the unit it is asked about only (its jobs, not others').
+    line = f"  129 {unit} {job} running" if job else ""
     (fakes.bin / "systemctl").write_text(
-        f"#!/bin/sh\n[ -n {shlex.quote(line)} ] && echo {shlex.quote(line)}\nexit 0\n"
+        f'#!/bin/sh\n[ -n {shlex.quote(line)} ] && [ "$3" = {shlex.quote(unit)} ] && '
+        f"echo {shlex.quote(line)}\nexit 0\n"
     )
     (fakes.bin / "systemctl").chmod(0o755)
-    fakes.add("kdump-init", "exit 0")
-    run = _run(_exec_stop(fakes), env=fakes.env(FAKE_RC=str(keep_rc)))
+    fakes.add("unit-stop", "exit 0")
+    run = _run(_exec_stop(unit, fakes), env=fakes.env(FAKE_RC=str(keep_rc)))
     assert run.returncode == 0, run.stderr
-    assert [c.argv for c in fakes.calls()] == calls
+    assert [(c.name, c.argv) for c in fakes.calls()] == calls

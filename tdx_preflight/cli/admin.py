@@ -1,5 +1,5 @@
 """Commands that set up an installation and serve its integrations: install-integrations,
-uninstall-integrations and keep-crash-kernel (the kdump-tools drop-in's stop guard)."""
+uninstall-integrations and keep-crash-kernel (the stop guard of the kdump drop-ins)."""
 
 from __future__ import annotations
 
