@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: Debian's own python3 and tools: a venv's or pyenv's python must not build the package.
 BUILD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 #: What dpkg-buildpackage and the lint need (README's test command installs them).
-BUILD_TOOLS = ("dpkg-buildpackage", "lintian")
+BUILD_TOOLS = ("dpkg-buildpackage", "lintian", "help2man")
 
 
 class BuildFailed(RuntimeError):

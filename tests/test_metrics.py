@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -175,22 +176,59 @@ def test_node_exporter_reads_the_daemon_and_a_cli_together(
         stderr=subprocess.PIPE,
         text=True,
     )
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def scrape() -> tuple[int, str]:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+
+    # Scrapes while both writers write: the daemon rewrites its file every second
+    # (metrics_interval 1), the CLI rewrites its own on every run below.
+    scrapes: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def scraper() -> None:
+        while not stop.is_set():
+            try:
+                scrapes.append(scrape())
+            except OSError as exc:  # a scrape that fails is a result, not a retry
+                scrapes.append((0, repr(exc)))
+
     try:
         deadline = time.monotonic() + 20
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    body = r.read().decode()
-                    status = r.status
+                status, body = scrape()
                 break
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, "no node_exporter"
                 time.sleep(0.1)
+        daemon_before = prom.stat().st_mtime_ns
+        cli_before = (prom.parent / CLI_FILE).stat().st_mtime_ns
+        thread = threading.Thread(target=scraper)
+        thread.start()
+        try:
+            for _ in range(4):
+                rerun = run_cli("check", "--root", str(root), "--metrics-file", str(prom.parent))
+                assert rerun.code == 1, rerun.err
+        finally:
+            stop.set()
+            thread.join(timeout=30)
     finally:
         proc.terminate()
         _out, err = proc.communicate(timeout=20)
-    # A duplicate series makes node_exporter answer 500 and log the error.
+    assert prom.stat().st_mtime_ns > daemon_before, "the daemon did not write meanwhile"
+    assert (prom.parent / CLI_FILE).stat().st_mtime_ns > cli_before
+    # A duplicate series makes node_exporter answer 500 and log the error; a torn file, a parse
+    # error (node_textfile_scrape_error 1).
     assert status == 200, body
+    assert len(scrapes) >= 4, scrapes
+    for code, text in scrapes:
+        assert code == 200, text
+        assert "node_textfile_scrape_error 0" in text, text
+        for source in ("daemon", "cli"):
+            assert f'tdx_preflight_kexec_allowed{{phase="exec",source="{source}"}}' in text
+    print(f"{len(scrapes)} scrapes while the daemon and the CLI wrote: all 200, no scrape error")
     assert "node_textfile_scrape_error 0" in body
     assert "duplicate" not in err.lower() and "error gathering" not in err.lower(), err
     for source in ("daemon", "cli"):

@@ -21,7 +21,7 @@ One QEMU process, three boots (the -snapshot overlay lives as long as the proces
 Runs in the suite (CI: README's test command installs QEMU and mmdebstrap); as root, it needs
 mmdebstrap, chroot and mke2fs. Deselect with ``-m 'not e2e'``. The image is cached
 (e2e_image.py). Environment: ``TDXPF_E2E_TIMEOUT`` (seconds for the whole run, default 1200),
-``TDXPF_E2E_SMP`` (vCPUs, default 2), ``TDXPF_E2E_CACHE`` (see e2e_image.py).
+``TDXPF_E2E_SMP`` (vCPUs, default 1), ``TDXPF_E2E_CACHE`` (see e2e_image.py).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def qemu(image: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]
         "-cpu",
         "EPYC,+svm",
         "-smp",
-        os.environ.get("TDXPF_E2E_SMP", "2"),
+        os.environ.get("TDXPF_E2E_SMP", "1"),
         "-m",
         "1536",
         "-kernel",
@@ -86,7 +86,7 @@ def qemu(image: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]
         "-initrd",
         str(image / "initrd.img"),
         "-append",
-        "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 panic=-1 crashkernel=192M",
+        "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=1 panic=-1 crashkernel=192M",
         # -snapshot: the cached image is never written; the guest's writes go to a temporary
         # overlay that lives as long as this QEMU process, across the guest's reboots.
         "-drive",
