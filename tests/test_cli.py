@@ -114,6 +114,26 @@ def test_every_command_reads_options_one_way() -> None:
     assert all(isinstance(cmd, StrictCommand) for cmd in cli.commands.values())
 
 
+def test_every_command_is_loaded_from_the_module_the_group_names() -> None:
+    """The group imports a command's module only when the command runs: the table it
+    reads must name every command each module defines, and nothing else."""
+    import importlib
+
+    import click
+
+    from tdx_preflight.cli import group
+
+    defined_by: dict[str | None, str] = {}
+    for module in set(group.COMMANDS.values()):
+        for obj in vars(importlib.import_module(f"tdx_preflight.cli.{module}")).values():
+            if isinstance(obj, click.Command) and not isinstance(obj, click.Group):
+                defined_by[obj.name] = module
+    assert defined_by == group.COMMANDS
+    from tdx_preflight.cli import cli
+
+    assert set(cli.commands) == set(group.COMMANDS)
+
+
 def _an_option(name: str) -> str:
     return "--prefix" if name.endswith("install-integrations") else "--root"
 

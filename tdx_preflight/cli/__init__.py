@@ -5,22 +5,31 @@ this file, grouped by what they serve: check.py (check, guests, explain, schema)
 (hook, exec), daemon.py (daemon, status, reload), snapshot.py (snapshot) and admin.py
 (install-integrations, uninstall-integrations, keep-crash-kernel). options.py is how every
 command reads its options; run.py is what the commands share (host, checks, output).
+A command's module is imported when the command runs (group.COMMANDS); `cli`, taken
+from here, is the group with all of them loaded.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import click
 
 from ..report import EXIT_UNKNOWN, EXIT_USAGE
-
-# Importing a command module registers its commands on the group.
-from . import admin, check, daemon, gate, snapshot  # noqa: F401
-from .group import cli
+from .group import cli as _group
+from .group import load_all
 
 __all__ = ["COMPLETE_VAR", "cli", "main"]
+
+
+def __getattr__(name: str) -> Any:
+    """`cli`: the group with every command loaded (main loads only the one it runs)."""
+    if name == "cli":
+        return load_all()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: click's shell-completion switch; a shell calls the program with it and no arguments.
 COMPLETE_VAR = "_TDX_PREFLIGHT_COMPLETE"
@@ -46,7 +55,7 @@ def main() -> None:
             )
             sys.exit(EXIT_USAGE)
     try:
-        cli.main(prog_name="tdx-preflight", complete_var=COMPLETE_VAR)
+        _group.main(prog_name="tdx-preflight", complete_var=COMPLETE_VAR)
     except SystemExit:
         raise
     except Exception:

@@ -99,9 +99,28 @@ class StrictCommand(_StrictParsing):
 
 
 class StrictGroup(click.Group, _StrictParsing):
-    """The CLI's group: its own options read strictly, and every command a StrictCommand."""
+    """The CLI's group: its own options read strictly, and every command a StrictCommand.
+
+    `lazy_commands` maps a command name to the module (in this package) whose import
+    registers it: the module is imported when the command is first looked up.
+    """
 
     command_class = StrictCommand
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = self.lazy_commands.get(cmd_name)
+        if module is not None and cmd_name not in self.commands:
+            __import__(f"{__package__}.{module}")
+            if cmd_name not in self.commands:
+                raise RuntimeError(f"{__package__}.{module} does not define {cmd_name!r}")
+        return super().get_command(ctx, cmd_name)
 
 
 _common_root = click.option(
