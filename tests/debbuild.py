@@ -34,9 +34,12 @@ def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
 
 
-def build_deb(work: Path) -> Path:
-    """The .deb built from a copy of the tree in `work` (see the module docstring)."""
-    src = work / "src"
+def copy_source_tree(dst: Path) -> None:
+    """Copy the tree's tracked and new (not git-ignored) files to `dst`, symlinks as links.
+
+    What a clean checkout would hold plus what is not committed yet: never the caches,
+    venvs and build products that .gitignore names (the e2e image cache is gigabytes).
+    """
     files = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO)
     if files.returncode != 0:
         raise BuildFailed(f"git ls-files: {files.stderr}")
@@ -44,12 +47,18 @@ def build_deb(work: Path) -> Path:
         source = REPO / name
         if not source.exists() and not source.is_symlink():
             continue  # deleted in the working tree
-        target = src / name
+        target = dst / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_symlink():
             target.symlink_to(os.readlink(source))
         else:
             shutil.copy2(source, target)
+
+
+def build_deb(work: Path) -> Path:
+    """The .deb built from a copy of the tree in `work` (see the module docstring)."""
+    src = work / "src"
+    copy_source_tree(src)
     env = {**BUILD_ENV, "HOME": str(work)}
     build = _run(["nice", "-n", "10", "dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, env=env)
     if build.returncode != 0:

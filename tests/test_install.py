@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from debbuild import copy_source_tree
 
 from tdx_preflight.integrations import (
     MANIFEST,
@@ -214,12 +215,8 @@ def wheel_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert made.returncode == 0, made.stderr
     # A copy of the tree, so the build leaves nothing (build/, *.egg-info) in the checkout.
     tree = work / "src"
-    shutil.copytree(
-        REPO,
-        tree,
-        symlinks=True,
-        ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__"),
-    )
+    # Only what git tracks or would (not .cache/ with its guest images, nor .venv/).
+    copy_source_tree(tree)
     pip = _run([str(venv / "bin/pip"), "install", "-q", str(tree)])
     assert pip.returncode == 0, pip.stdout + pip.stderr
     shutil.rmtree(tree)  # the install must not lean on the source tree
