@@ -261,6 +261,26 @@ test "$(readlink /sbin/kexec)" = /usr/sbin/kexec-gated
 { test -x /sbin/kexec.distrib && ! test -L /sbin/kexec.distrib; } || fail "no kexec diverted"
 /sbin/kexec --version
 echo "trigger: diverted again when kexec-tools came back"
+# An operator's own (local) diversion of kexec: installing must not fail over it, nor replace
+# what the operator put there; it warns that this kexec is not gated by the package.
+dpkg -P tdx-preflight
+{ test -f /sbin/kexec && ! test -L /sbin/kexec; } || fail "kexec-tools' kexec not back"
+dpkg-divert --local --rename --divert /sbin/kexec.real --add /sbin/kexec
+ln -s /bin/true /sbin/kexec
+dpkg -i /tmp/tdx-preflight.deb 2>/tmp/clash.err || fail "install failed over a local diversion"
+grep -q 'WARNING: /sbin/kexec is diverted by LOCAL' /tmp/clash.err || fail "no warning"
+test "$(readlink /sbin/kexec)" = /bin/true || fail "the operator's kexec was replaced"
+test "$(dpkg-divert --listpackage /sbin/kexec)" = LOCAL || fail "the local diversion is gone"
+dpkg -P tdx-preflight
+test "$(readlink /sbin/kexec)" = /bin/true || fail "the purge touched the operator's kexec"
+rm /sbin/kexec && dpkg-divert --local --rename --remove /sbin/kexec
+echo "clash: an operator's local diversion stands through install and purge"
+# An operator's own file at /sbin/kexec under our diversion: kept, with a loud warning.
+dpkg -i /tmp/tdx-preflight.deb
+rm /sbin/kexec && printf '#!/bin/sh\nexit 0\n' >/sbin/kexec && chmod 755 /sbin/kexec
+dpkg-reconfigure tdx-preflight 2>/tmp/own.err || fail "reconfigure failed"
+grep -q "WARNING: /sbin/kexec is neither kexec-gated's link" /tmp/own.err || fail "no warning"
+rm /sbin/kexec && ln -s /usr/sbin/kexec-gated /sbin/kexec
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -q tdx-preflight kexec-tools
 snap >/tmp/after2; state2 >/tmp/state2.after
 """
