@@ -5,8 +5,9 @@
 #   Runs `/usr/local/bin/tdx-preflight hook -- ARGS...` with kexec's own arguments, and only when
 #   the hook exits 0 execs the real kexec with the same arguments, untouched. Otherwise kexec is
 #   not run and this script exits with the hook's code (1 block, 2 usage or configuration error,
-#   3 unknown; 126/127 when tdx-preflight cannot be run at all). Arguments are only ever passed
-#   on as "$@": never evaluated, never joined into a shell string.
+#   3 unknown, also when the hook gives no answer within KEXEC_GATED_TIMEOUT; 126/127 when
+#   tdx-preflight cannot be run at all). Arguments are only ever passed on as "$@": never
+#   evaluated, never joined into a shell string.
 #
 #   This script does not read kexec's arguments itself: the hook reads them with the one parser
 #   the gate has (tdx_preflight/kexec_args.py), as kexec-tools' getopt_long table reads them,
@@ -25,6 +26,9 @@
 #                            means the "real" kexec led back here (a loop), exit 2
 #     KEXEC_GATED_KMSG       the kernel log to write a refusal to       (default /dev/kmsg)
 #     KEXEC_GATED_CONSOLE    the console to write a refusal to          (default /dev/console)
+#     KEXEC_GATED_TIMEOUT    seconds the hook may take before the kexec is refused as
+#                            unknown (exit 3; default 120): systemd-shutdown waits for its
+#                            final kexec -e without a deadline of its own
 #                            (these two only for tests: hosts keep the defaults)
 #   The hook's own output goes to stderr, so kexec's stdout stays kexec's.
 #
@@ -92,13 +96,31 @@ if [ -n "${KEXEC_GATED_ACTIVE:-}" ]; then
     exit 2
 fi
 
+# A hook that does not answer must not hold the host: systemd-shutdown waits for its kexec
+# child without a deadline. No answer in time is a refusal ("unknown", exit 3).
+limit=${KEXEC_GATED_TIMEOUT:-120}
+case $limit in
+    '' | *[!0-9]*)
+        echo "$me: KEXEC_GATED_TIMEOUT=$limit is not a number of seconds; not running kexec" >&2
+        exit 2
+        ;;
+esac
+deadline=""
+if command -v timeout >/dev/null 2>&1; then
+    deadline="timeout --kill-after=5 $limit"
+fi
 # The hook's stdout goes to our stderr; its stderr (the reason) is kept to log it.
-{ reason=$("$preflight" hook -- "$@" 2>&1 1>&3); } 3>&2
+# shellcheck disable=SC2086 # $deadline is empty or three words, none with spaces
+{ reason=$($deadline "$preflight" hook -- "$@" 2>&1 1>&3); } 3>&2
 code=$?
 if [ "$code" -ne 0 ]; then
     [ -n "$reason" ] && printf '%s\n' "$reason" >&2
     case $code in
         126 | 127) why="$preflight could not be run" ;;
+        124 | 137)
+            why="tdx-preflight gave no answer within ${limit}s"
+            code=3
+            ;;
         *) why="tdx-preflight refused this kexec" ;;
     esac
     line="$me: $why (exit $code); $real $* not run"
@@ -109,9 +131,10 @@ if [ "$code" -ne 0 ]; then
     # the refusal itself, so their errors are dropped.
     kmsg=${KEXEC_GATED_KMSG:-/dev/kmsg}
     console=${KEXEC_GATED_CONSOLE:-/dev/console}
-    { printf '<3>%s\n' "$line" >"$kmsg"; } 2>/dev/null
+    # Appended: a path that is a file (a test's, a mistaken setting) is never truncated.
+    { printf '<3>%s\n' "$line" >>"$kmsg"; } 2>/dev/null
     if [ -w "$console" ]; then
-        { printf '%s\n' "$line" >"$console"; } 2>/dev/null
+        { printf '%s\n' "$line" >>"$console"; } 2>/dev/null
     fi
     exit "$code"
 fi

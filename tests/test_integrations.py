@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -502,6 +503,35 @@ def test_wrapper_fails_closed_without_tdx_preflight(fakes: Fakes, tmp_path: Path
     assert run.returncode == 127
     assert fakes.calls() == []
     assert "could not be run" in run.stderr
+
+
+def test_a_hook_without_an_answer_is_a_refusal_in_time(fakes: Fakes) -> None:
+    # systemd-shutdown waits for its final kexec -e without a deadline: a hung hook would
+    # hold the host instead of letting it fall back to a cold reboot.
+    fakes.add("tdx-preflight", "exec sleep 60")
+    t0 = time.monotonic()
+    run = _wrap(fakes, "-e", KEXEC_GATED_TIMEOUT="1")
+    took = time.monotonic() - t0
+    assert run.returncode == 3, run.stderr
+    assert took < 30, took
+    assert [c.name for c in fakes.calls()] == ["tdx-preflight"]  # kexec never ran
+    assert "tdx-preflight gave no answer within 1s (exit 3)" in run.stderr
+    assert "gave no answer within 1s" in fakes.kmsg.read_text()
+
+
+@pytest.mark.parametrize("limit", ["1s", "-1", "x", " 5"])
+def test_a_timeout_that_is_not_seconds_refuses(fakes: Fakes, limit: str) -> None:
+    run = _wrap(fakes, "-e", KEXEC_GATED_TIMEOUT=limit)
+    assert run.returncode == 2, run.stderr
+    assert fakes.calls() == [] and "KEXEC_GATED_TIMEOUT" in run.stderr
+
+
+def test_a_refusal_is_appended_to_the_kernel_log_path(fakes: Fakes) -> None:
+    fakes.kmsg.write_text("earlier record\n")
+    run = _wrap(fakes, "-e", FAKE_RC="1")
+    assert run.returncode == 1
+    lines = fakes.kmsg.read_text().splitlines()
+    assert lines[0] == "earlier record" and lines[1].startswith("<3>kexec-gated: ")
 
 
 def test_wrapper_refuses_to_loop(fakes: Fakes) -> None:
