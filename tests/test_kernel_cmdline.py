@@ -1,5 +1,5 @@
 """kvm_intel.tdx on the kernel command line: one reader (readers/kernel.cmdline_bool), read
-as the kernel reads it.
+as the kernel reads it, and the platform.tdx summary and remedy that both follow it.
 
 The kernel's rules: '-' and '_' are one in a parameter name (kernel/params.c parameq);
 values go through kstrtobool (lib/kstrtox.c: y/Y/1, n/N/0, on, off, by the first one or
@@ -10,7 +10,12 @@ nothing after `--` is the kernel's.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
+from hostbuilder import TDX_MSRS, HostSpec
+from test_scenarios import check
 
 from tdx_preflight.host import Problem
 from tdx_preflight.readers import kernel
@@ -89,3 +94,51 @@ def test_parameters_split_as_next_arg_splits_them(
     cmdline: str, want: list[tuple[str, str | None]]
 ) -> None:
     assert kernel.cmdline_params(cmdline) == want
+
+
+# -- what platform.tdx says, from the same reading ----------------------------------------
+
+
+def _bios_tdx_unused(cmdline: str, **overrides: Any) -> HostSpec:
+    """TDX KeyIDs in MSR 0x87, a kernel with TDX host support, nothing says TDX is up."""
+    return HostSpec(
+        msrs=dict(TDX_MSRS),
+        kexec_loaded=1,
+        config={"CONFIG_INTEL_TDX_HOST": "y"},
+        cmdline=f"{BASE} {cmdline}",
+        **overrides,
+    )
+
+
+def _platform_tdx(tmp_path: Path, cmdline: str) -> dict[str, Any]:
+    report, st = check(tmp_path, _bios_tdx_unused(cmdline))
+    assert st["platform.tdx"] == "warn"
+    return next(c for c in report["checks"] if c["id"] == "platform.tdx")
+
+
+@pytest.mark.parametrize("given", ["kvm-intel.tdx=1", "kvm_intel.tdx=on", "kvm_intel.tdx=y"])
+def test_every_spelling_that_enables_it_is_read_as_enabled(tmp_path: Path, given: str) -> None:
+    # Before one reader: kvm-intel and "on" read as absent, and "y" was enabled for the
+    # summary while the remedy still said to add kvm_intel.tdx=1.
+    row = _platform_tdx(tmp_path, given)
+    assert "the kernel command line enables kvm_intel.tdx" in row["summary"]
+    assert "already enables kvm_intel.tdx" in row["remedy"]
+    assert "Enable TDX in the kernel" not in row["remedy"]
+
+
+def test_a_later_kvm_intel_tdx_0_turns_it_off(tmp_path: Path) -> None:
+    row = _platform_tdx(tmp_path, "kvm_intel.tdx=1 kvm_intel.tdx=0")
+    assert "the kernel command line turns kvm_intel.tdx off" in row["summary"]
+    assert "set kvm_intel.tdx=1 in its place" in row["remedy"]
+
+
+def test_a_value_the_kernel_rejects_is_named(tmp_path: Path) -> None:
+    row = _platform_tdx(tmp_path, "kvm_intel.tdx=maybe")
+    assert "kvm_intel.tdx to is unknown" in row["summary"] and "'maybe'" in row["summary"]
+    assert row["remedy"].startswith("Fix kvm_intel.tdx on the kernel command line")
+
+
+def test_not_given_still_suggests_it(tmp_path: Path) -> None:
+    row = _platform_tdx(tmp_path, "kvm_intel.tdxx=1")
+    assert "kvm_intel.tdx=1 is not on the kernel command line" in row["summary"]
+    assert "Enable TDX in the kernel (kvm_intel.tdx=1)" in row["remedy"]
