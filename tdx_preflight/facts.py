@@ -115,6 +115,9 @@ class HostFacts(NamedTuple):
     msrs: msr.MsrFacts | None  # None: not read (not an Intel CPU)
     release: str | Problem
     cmdline: str | Problem
+    #: kvm_intel.tdx as the kernel command line sets it (kernel.cmdline_bool): True or
+    #: False, None when not given, a Problem when unreadable or not a boolean.
+    kvm_tdx_cmdline: bool | Problem | None
     config: kernel.KernelConfig | Problem
     kallsyms: kernel.Kallsyms | Problem | None  # None: not read (TDX not in use)
     kexec: kernel.KexecSysfs
@@ -285,6 +288,7 @@ def gather(
     guests = vmclass.classify(host, enumeration, use.state, root_tdx, misc)
     use = with_td_guests(use, guests)
     kallsyms = kernel.read_kallsyms(host) if full and use.evaluated else None
+    cmdline = kernel.read_cmdline(host)
     return HostFacts(
         root=host.source,
         live=host.live,
@@ -292,7 +296,10 @@ def gather(
         online=online,
         msrs=msrs,
         release=release,
-        cmdline=kernel.read_cmdline(host),
+        cmdline=cmdline,
+        kvm_tdx_cmdline=kernel.cmdline_bool(
+            cmdline, kernel.KVM_INTEL_TDX, host.display(kernel.CMDLINE)
+        ),
         config=kernel.read_config(host, release) if full else Problem("absent", "", "not read"),
         kallsyms=kallsyms,
         kexec=kernel.read_kexec(host),

@@ -1017,8 +1017,8 @@ sys.path.insert(0, sys.argv[1])
 # interpreter's own files may not be readable by nobody.
 import ctypes, gzip, zlib, xml.etree.ElementTree  # noqa
 import test_faults as tf
-from tdx_preflight.host import _Openat2
-_Openat2()
+from tdx_preflight.host.openat2 import Openat2
+Openat2()
 jobs = json.loads(sys.stdin.read())
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 out = {}

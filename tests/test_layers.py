@@ -33,6 +33,17 @@ ORDER: list[tuple[str, tuple[str, ...]]] = [
 ]
 LAYERS = {name: rank for rank, (_, names) in enumerate(ORDER) for name in names}
 
+#: Within the host layer (the package tdx_preflight/host/), lowest first: the same rule
+#: one level down. "" is the package's __init__, which gathers the names the layers
+#: above import; no module of the package imports it back.
+HOST_ORDER: list[tuple[str, ...]] = [
+    ("problem", "limits"),
+    ("openat2", "kallsyms"),
+    ("root",),
+    ("",),
+]
+HOST_LAYERS = {name: rank for rank, names in enumerate(HOST_ORDER) for name in names}
+
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
@@ -110,6 +121,35 @@ def test_imports_go_down(path: Path) -> None:
                 f"({ORDER[mine][0]} must not import {ORDER[theirs][0]})"
             )
     assert not upward, "\n".join(upward)
+
+
+HOST_MODULES = [p for p in MODULES if _layer_key(_module_name(p)) == "host"]
+
+
+def _host_key(module: str) -> str:
+    """`tdx_preflight.host.root` -> "root"; `tdx_preflight.host` -> ""."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 else ""
+
+
+@pytest.mark.parametrize("path", HOST_MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_host_modules_import_down(path: Path) -> None:
+    key = _host_key(_module_name(path))
+    assert key in HOST_LAYERS, f"{path.name}: no place in tests/test_layers.py HOST_ORDER"
+    upward = []
+    for line, target in _imports(path):
+        if target == "tdx_preflight":
+            continue  # the version: below everything
+        assert target.split(".")[:2] == ["tdx_preflight", "host"], f"{path.name}:{line}: {target}"
+        theirs = HOST_LAYERS.get(_host_key(target))
+        assert theirs is not None, f"{path.name}:{line}: {target} has no place in HOST_ORDER"
+        if theirs > HOST_LAYERS[key]:
+            upward.append(f"{path.relative_to(PACKAGE)}:{line} imports {target}")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_host_layer_is_a_package_of_small_modules() -> None:
+    assert {_host_key(_module_name(p)) for p in HOST_MODULES} == set(HOST_LAYERS)
 
 
 def test_an_upward_import_is_caught() -> None:

@@ -124,3 +124,12 @@ def test_kallsyms(blob: bytes) -> None:
             f.write(blob)
         with Host(root) as host:
             _ok(kernel.read_kallsyms(host), kernel.Kallsyms)
+
+
+@FUZZ
+@given(st.text(max_size=300), st.sampled_from(["kvm_intel.tdx", "kvm-intel.tdx", "a"]))
+def test_kernel_cmdline(text: str, name: str) -> None:
+    for param, value in kernel.cmdline_params(text):
+        assert isinstance(param, str) and (value is None or isinstance(value, str))
+    got = kernel.cmdline_bool(text, name, "cmdline")
+    assert got is None or isinstance(got, bool) or got.kind == "malformed"

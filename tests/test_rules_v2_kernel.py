@@ -498,7 +498,7 @@ def test_kvm_intel_tdx_already_given_says_the_logs_reason(tmp_path: Path) -> Non
     )
     report, _ = check(tmp_path, spec)
     remedy = of(report, "platform.tdx")["remedy"]
-    assert "already on the command line" in remedy and "Hibernation support is enabled" in remedy
+    assert "already enables kvm_intel.tdx" in remedy and "Hibernation support is enabled" in remedy
     assert "nohibernate" in remedy
 
 

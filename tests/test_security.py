@@ -21,7 +21,7 @@ from hostbuilder import VmProc, build, qemu_td_cmdline, tdx_host
 
 PACKAGE = Path(__file__).parent.parent / "tdx_preflight"
 #: Modules that read the host root; everything that writes lives elsewhere.
-READERS = [PACKAGE / "host.py", *sorted((PACKAGE / "readers").glob("*.py"))]
+READERS = [*sorted((PACKAGE / "host").glob("*.py")), *sorted((PACKAGE / "readers").glob("*.py"))]
 WRITE_FLAGS = {"O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND"}
 
 

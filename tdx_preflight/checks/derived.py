@@ -147,10 +147,22 @@ def enable_tdx_remedy(facts: HostFacts) -> str:
             "Boot a kernel with TDX host support (CONFIG_INTEL_TDX_HOST=y; this one has "
             f"{cfg.values.get('CONFIG_INTEL_TDX_HOST', 'n')}), or disable TDX in the BIOS."
         )
-    cmdline = facts.cmdline if isinstance(facts.cmdline, str) else ""
-    if "kvm_intel.tdx=1" in cmdline.split() or "kvm_intel.tdx=Y" in cmdline.split():
+    given = facts.kvm_tdx_cmdline
+    if given is True:
         log = facts.tdx_log
         reason = log.failure if isinstance(log, tdx.TdxLog) else None
         said = f"the kernel log says: {reason}" if reason else "the kernel log gives no reason"
-        return f"kvm_intel.tdx=1 is already on the command line; {said}. " + failure_remedy(reason)
+        fix = failure_remedy(reason)
+        return f"The kernel command line already enables kvm_intel.tdx; {said}. {fix}"
+    if given is False:
+        return (
+            "The kernel command line turns kvm_intel.tdx off: set kvm_intel.tdx=1 in its "
+            "place, or disable TDX in the BIOS."
+        )
+    if isinstance(given, Problem) and isinstance(facts.cmdline, str):
+        # The command line was read: what failed is the value given for kvm_intel.tdx.
+        return (
+            f"Fix kvm_intel.tdx on the kernel command line ({given.detail}): set "
+            "kvm_intel.tdx=1, or disable TDX in the BIOS."
+        )
     return "Enable TDX in the kernel (kvm_intel.tdx=1) or disable it in the BIOS."

@@ -100,21 +100,23 @@ def _not_used_because(facts: HostFacts) -> tuple[str, str]:
     """Why the kernel does not use the TDX KeyIDs the BIOS reserved, and the fix,
     from what was read (DESIGN.md "Remedies"; the fix is derived.enable_tdx_remedy)."""
     config = facts.config
-    cmdline = facts.cmdline if isinstance(facts.cmdline, str) else ""
+    given = facts.kvm_tdx_cmdline
     said = facts.module.sources.get("kernel log")
     if isinstance(config, kernel.KernelConfig) and config.values.get("CONFIG_INTEL_TDX_HOST") in (
         None,
         "n",
     ):
         why = f"the kernel config ({config.source}) lacks INTEL_TDX_HOST"
-    elif not any(
-        w in ("kvm_intel.tdx=1", "kvm_intel.tdx=Y", "kvm_intel.tdx=y") for w in cmdline.split()
-    ):
+    elif isinstance(given, Problem):
+        why = f"what the kernel command line sets kvm_intel.tdx to is unknown ({given})"
+    elif given is None:
         why = "kvm_intel.tdx=1 is not on the kernel command line"
+    elif given is False:
+        why = "the kernel command line turns kvm_intel.tdx off"
     elif facts.module.state == "failed" and said:
-        why = f"kvm_intel.tdx=1 is set but the TDX module failed: {said}"
+        why = f"the kernel command line enables kvm_intel.tdx but the TDX module failed: {said}"
     else:
-        why = "kvm_intel.tdx=1 is set but no source reports TDX up"
+        why = "the kernel command line enables kvm_intel.tdx but no source reports TDX up"
     return why, derived.enable_tdx_remedy(facts)
 
 

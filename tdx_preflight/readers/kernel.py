@@ -30,9 +30,129 @@ def read_release(host: Host) -> str | Problem:
     return host.read_value("proc/sys/kernel/osrelease")
 
 
+CMDLINE = "proc/cmdline"
+#: kvm_intel's `tdx` parameter (arch/x86/kvm/vmx/tdx.c: module_param_named(tdx,
+#: enable_tdx, bool, 0444)), as the kernel command line names it.
+KVM_INTEL_TDX = "kvm_intel.tdx"
+#: isspace() of the kernel's lib/ctype.c for ASCII: what separates parameters.
+_SPACE = " \t\n\v\f\r"
+
+
 def read_cmdline(host: Host) -> str | Problem:
-    text = host.read_text("proc/cmdline", 64 * 1024)
+    """proc/cmdline, stripped; a Problem when it cannot be read."""
+    text = host.read_text(CMDLINE, 64 * 1024)
     return text.strip() if isinstance(text, str) else text
+
+
+def cmdline_params(cmdline: str) -> list[tuple[str, str | None]]:
+    """(name, value) of each kernel parameter, in order, split as the kernel splits them.
+
+    lib/cmdline.c next_arg: parameters are separated by white space outside double
+    quotes; the name ends at the first `=`; a value (or a whole parameter) may be
+    quoted and the quotes are dropped; a parameter without `=` has the value None.
+    parse_args (kernel/params.c) stops at a bare `--`: what follows goes to init,
+    not to the kernel, and is not listed. (modprobe reads /proc/cmdline itself for a
+    modular kvm_intel, kmod libkmod-config.c kmod_config_parse_kcmdline, splitting at
+    spaces only: on quotes and after `--` it can read differently.)
+    """
+    out: list[tuple[str, str | None]] = []
+    i, n = 0, len(cmdline)
+    while True:
+        while i < n and cmdline[i] in _SPACE:
+            i += 1
+        if i >= n:
+            return out
+        quoted = cmdline[i] == '"'
+        start = i + 1 if quoted else i
+        in_quote, equals, j = quoted, -1, start
+        while j < n and (in_quote or cmdline[j] not in _SPACE):
+            if equals < 0 and cmdline[j] == "=" and j > start:
+                equals = j
+            if cmdline[j] == '"':
+                in_quote = not in_quote
+            j += 1
+        # `stop` is where the C code writes its NUL over a closing quote.
+        stop = j
+        if equals < 0:
+            if quoted and stop > start and cmdline[stop - 1] == '"':
+                stop -= 1
+            name, value = cmdline[start:stop], None
+        else:
+            vstart = equals + 1
+            if vstart < j and cmdline[vstart] == '"':
+                vstart += 1
+                if cmdline[j - 1] == '"':
+                    stop = j - 1
+            if quoted and stop == j and cmdline[j - 1] == '"':
+                stop = j - 1
+            name, value = cmdline[start:equals], cmdline[vstart:stop] if vstart <= stop else ""
+        if value is None and name == "--":
+            return out
+        out.append((name, value))
+        i = j
+
+
+def kstrtobool(value: str) -> bool | None:
+    """The kernel's reading of a boolean (lib/kstrtox.c kstrtobool): the first character
+    y, Y or 1 is true and n, N or 0 false; o or O followed by n/N is true ("on") and by
+    f/F false ("off"); the rest of the string is not looked at. None: -EINVAL."""
+    first = value[:1]
+    if first in ("y", "Y", "1"):
+        return True
+    if first in ("n", "N", "0"):
+        return False
+    if first in ("o", "O"):
+        second = value[1:2]
+        if second in ("n", "N"):
+            return True
+        if second in ("f", "F"):
+            return False
+    return None
+
+
+def cmdline_bool(cmdline: str | Problem, name: str, path: str) -> bool | Problem | None:
+    """What the kernel command line sets a bool parameter `name` (`module.param`) to.
+
+    True or False: the value the kernel applies; None: not given; a Problem: the
+    command line could not be read (its own Problem), or a value given for `name` is
+    not one kstrtobool takes ("malformed", naming it; `path` is where the command
+    line was read).
+
+    The kernel's rules, not ours: '-' and '_' are the same in a parameter name
+    (kernel/params.c parameq, dash2underscore; modprobe likewise turns the module
+    name's '-' into '_' for a modular kvm_intel, kmod libkmod-config.c
+    kcmdline_parse_result); a name without `=` sets the bool (param_set_bool: "No
+    equals means set"); values go through kstrtobool.
+
+    Given twice, the last one wins, unlike the keys of files the kernel prints
+    (DESIGN.md "Reading": a duplicate there is malformed): the command line is
+    input, and the kernel applies each parameter in order (kernel/params.c
+    parse_args calls the parameter's set for every occurrence; modprobe passes them
+    in command line order), so a later kvm_intel.tdx=0 turns off an earlier
+    kvm_intel.tdx=1. Reading it any other way would disagree with the kernel.
+
+    Any value kstrtobool rejects makes the whole answer a Problem, even beside a
+    valid one: built in, the kernel logs "`X' invalid for parameter" and keeps the
+    other values; as a module, parse_args' error makes load_module
+    (kernel/module/main.c) fail, and the module does not load at all.
+    """
+    if isinstance(cmdline, Problem):
+        return cmdline
+    want = name.replace("-", "_")
+    effective: bool | None = None
+    for param, value in cmdline_params(cmdline):
+        if param.replace("-", "_") != want:
+            continue
+        got = True if value is None else kstrtobool(value)
+        if got is None:
+            return Problem(
+                "malformed",
+                path,
+                f"{param}={value!r} is not a boolean the kernel takes (y/Y/1, n/N/0, on, "
+                "off): a module given it fails to load; built in, the kernel ignores it",
+            )
+        effective = got
+    return effective
 
 
 def parse_config(data: bytes, path: str) -> dict[str, str] | Problem:

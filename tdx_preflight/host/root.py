@@ -1,130 +1,22 @@
 """Host: every read of the host, relative to one root directory, bounded and typed.
 
-Nothing else in the package opens a path. A read returns its value or a
-`Problem` that says why it could not: the file is absent, permission was
-denied, an I/O error occurred, or the content is malformed. Callers tell
-"not there" from "could not read" by `Problem.kind`.
-
 Reads never block (files are opened O_NONBLOCK and must be regular files or,
 for the few device readers, character devices), never write, and never leave
 the root: for a root other than `/` every open goes through openat2 with
-RESOLVE_IN_ROOT, so an absolute or `..` symlink in a snapshot resolves inside
-the snapshot, and magic links (`/proc/PID/root`) are refused.
+RESOLVE_IN_ROOT (`openat2.Openat2`).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 from collections.abc import Iterable, Mapping
-from typing import Literal, NamedTuple
 
-#: "partial": the source exists but sees only part of the host (a foreign namespace,
-#: a child cgroup): never read as a count of zero (DESIGN.md "The host view").
-ProblemKind = Literal["absent", "permission", "io", "malformed", "partial"]
-
-#: Default cap for a file that should be small (sysfs values, proc files).
-SMALL = 64 * 1024
-#: Cap for files that grow with the machine (cpuinfo of 2,048 CPUs is about 5.5 MB).
-LARGE = 8 * 1024 * 1024
-#: kallsyms is 5 to 20 MB on real kernels; a regular file over this is not one
-#: (DESIGN.md "Reading"), and reading it to its end would only cost time.
-KALLSYMS_MAX = 256 * 1024 * 1024
-#: Read size for streamed files.
-CHUNK = 1 << 20
-
-
-class Problem(NamedTuple):
-    """Why a read gave no value."""
-
-    kind: ProblemKind
-    path: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.detail}"
-
-    def to_json(self) -> dict[str, str]:
-        return {"error": self.kind, "path": self.path, "detail": self.detail}
-
-
-def problem_from_oserror(path: str, exc: OSError) -> Problem:
-    """Map an OSError to a typed Problem."""
-    code = exc.errno
-    if code in (errno.ENOENT, errno.ENOTDIR, errno.ENODEV, errno.ENXIO):
-        return Problem("absent", path, "does not exist")
-    if code in (errno.EACCES, errno.EPERM):
-        return Problem("permission", path, "permission denied")
-    if code == errno.ELOOP:
-        return Problem("io", path, "symlink loop or link out of the host root")
-    if code == errno.EXDEV:
-        return Problem("io", path, "path leaves the host root")
-    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
-        return Problem("io", path, "would block (device or pipe did not answer)")
-    if code == errno.EISDIR:
-        return Problem("io", path, "is a directory")
-    return Problem("io", path, os.strerror(code) if code else str(exc))
-
-
-_KIND_NAMES = {
-    stat.S_IFDIR: "a directory",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-}
-
-
-def kind_name(mode: int) -> str:
-    """What a file type is, as a person says it: "a FIFO", "a character device"."""
-    return _KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
-
-
-class _Openat2:
-    """openat2(2) with RESOLVE_IN_ROOT, loaded only for roots other than `/`."""
-
-    RESOLVE_NO_MAGICLINKS = 0x02
-    RESOLVE_IN_ROOT = 0x10
-    SYS_openat2 = 437  # x86_64 and aarch64 share the number
-    RETRIES = 64  # EAGAIN retries: a walk through `..` raced with a rename or mount
-
-    def __init__(self) -> None:
-        import ctypes
-
-        class OpenHow(ctypes.Structure):
-            _fields_ = [
-                ("flags", ctypes.c_uint64),
-                ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64),
-            ]
-
-        self._ctypes = ctypes
-        self._how_type = OpenHow
-        self._size = ctypes.sizeof(OpenHow)
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._syscall = libc.syscall
-        self._syscall.restype = ctypes.c_long
-        self._hows: dict[int, object] = {}
-
-    def open(self, dirfd: int, rel: bytes, flags: int) -> int:
-        how = self._hows.get(flags)
-        if how is None:
-            how = self._how_type(flags, 0, self.RESOLVE_IN_ROOT | self.RESOLVE_NO_MAGICLINKS)
-            self._hows[flags] = how
-        # EAGAIN: a rename or mount anywhere on the system raced with a `..` step (a
-        # symlink such as sys/class/firmware/tdx_module -> ../../devices/...) and the
-        # kernel could not vouch for the walk: openat2(2) says to retry, so a busy
-        # machine never turns a readable file into an unreadable one.
-        for _ in range(self.RETRIES):
-            fd = self._syscall(self.SYS_openat2, dirfd, rel, self._ctypes.byref(how), self._size)
-            if fd >= 0:
-                return fd
-            err = self._ctypes.get_errno()
-            if err != errno.EAGAIN:
-                break
-        raise OSError(err, os.strerror(err))
+from .kallsyms import scan_symbols
+from .limits import CHUNK, LARGE, SMALL
+from .openat2 import Openat2
+from .problem import Problem, ProblemKind, kind_name, problem_from_oserror
 
 
 class Host:
@@ -149,7 +41,7 @@ class Host:
         self.live = self.root == "/"
         self._prefix = "/" if self.live else self.root.rstrip("/") + "/"
         self._rootfd: int | None = None
-        self._openat2: _Openat2 | None = None
+        self._openat2: Openat2 | None = None
         self._safe_fallback = False
         self._msr_fds: dict[int, int | Problem] = {}
         self._msr_files: set[int] = set()
@@ -175,7 +67,7 @@ class Host:
         if self._rootfd is None:
             self._rootfd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                self._openat2 = _Openat2()
+                self._openat2 = Openat2()
             except (OSError, AttributeError):
                 self._safe_fallback = True
         if self._openat2 is not None and not self._safe_fallback:
@@ -385,48 +277,14 @@ class Host:
         symbol and turn into a false "absent". Over KALLSYMS_MAX bytes it is
         malformed (refused from its size when it is a regular file that says so).
         A name matches only between the type letter and the end of the line or
-        the tab before `[module]`.
+        the tab before `[module]` (`kallsyms.scan_symbols`).
         """
-        path = self.display(rel)
-        wanted = {n.encode() for n in names}
-        # Search each name that no other wanted name starts: one scan finds both.
-        needles = [n for n in wanted if not any(o != n and n.startswith(o) for o in wanted)]
-        overlap = max((len(n) for n in wanted), default=0) + 64  # the line's head too
-        found: set[str] = set()
         opened = self._open_read(rel, "a file")
         if isinstance(opened, Problem):
             return opened
-        fd = opened[0]
-        if opened[1].st_size > KALLSYMS_MAX:
-            os.close(fd)
-            return Problem("malformed", path, f"larger than {KALLSYMS_MAX >> 20} MiB")
+        fd, st = opened
         try:
-            # One reused buffer: the last `overlap` bytes of a chunk are carried to the
-            # front of the next, so a name across a chunk boundary is still whole.
-            buf = bytearray(overlap + CHUNK)
-            view = memoryview(buf)
-            buf[0] = 0x0A
-            keep = 1
-            total = 0
-            while True:
-                n = os.readv(fd, [view[keep : keep + CHUNK]])
-                if not n:
-                    break
-                total += n
-                if total > KALLSYMS_MAX:  # /proc/kallsyms reports size 0: count as we go
-                    return Problem("malformed", path, f"larger than {KALLSYMS_MAX >> 20} MiB")
-                end = keep + n
-                found.update(_symbols_in(buf, end, wanted, needles))
-                keep = min(overlap, end)
-                buf[:keep] = buf[end - keep : end]
-            # The last line may lack its newline.
-            found.update(_symbols_in(bytes(buf[:keep]) + b"\n", keep + 1, wanted, needles))
-            view.release()
-            if not total:
-                return Problem("malformed", path, "empty")
-            return found
-        except OSError as exc:
-            return problem_from_oserror(path, exc)
+            return scan_symbols(fd, st.st_size, self.display(rel), names)
         finally:
             os.close(fd)
 
@@ -532,31 +390,3 @@ def parse_uint(text: str, max_digits: int = 20) -> int | None:
     if text.isascii() and text.isdigit() and len(text) <= max_digits:
         return int(text)
     return None
-
-
-#: What stands before a symbol name on a kallsyms line: the address (hex, up to 64
-#: bits) and the type letter (kernel/kallsyms.c s_show: "%px %c %s").
-_KALLSYMS_HEAD = re.compile(rb"[0-9a-fA-F]{1,16} [A-Za-z] ")
-
-
-def _symbols_in(
-    buf: bytes | bytearray, end: int, wanted: set[bytes], needles: list[bytes]
-) -> set[str]:
-    """The names of `wanted` that stand in `buf[:end]` as whole kallsyms symbol names.
-
-    Lines are `ADDR T name\n` or `ADDR t name\t[module]`: a name starts after
-    the hex address, one space, the type letter and one space, at the start of
-    a line, and ends at a tab or a newline.
-    """
-    found: set[str] = set()
-    for needle in needles:
-        i = buf.find(needle, 0, end)
-        while i >= 0:
-            start = buf.rfind(b"\n", max(0, i - 24), i) + 1
-            if start and _KALLSYMS_HEAD.fullmatch(buf, start, i):
-                for name in wanted:
-                    stop = i + len(name)
-                    if stop < end and buf[stop] in (0x0A, 0x09) and buf.startswith(name, i):
-                        found.add(name.decode())
-            i = buf.find(needle, i + 1, end)
-    return found
