@@ -86,3 +86,18 @@ def test_counts_of_one_are_singular(tmp_path: Path) -> None:
     assert "root misc.current tdx 1: 1 TD KeyID still held" in text
     plural_one = re.findall(r"\b1 (?:TD|VM|CPU|TD KeyID|TDX KeyID|TD guest|plain VM)s\b", text)
     assert plural_one == []
+
+
+def test_exec_phase_help_and_readme_say_what_command_is_checked_as() -> None:
+    """`exec --help`'s --phase and README's exec bullet state command_phases' reading: kexec's
+    arguments, `systemctl kexec` as load and exec, any other COMMAND as every phase."""
+    from tdx_preflight.kexec_args import ALL_PHASES, command_phases
+
+    assert command_phases(("systemctl", "kexec")).phases == ("load", "exec")
+    assert command_phases(("sh", "-c", "kexec -e")).phases == ALL_PHASES
+    help_text = " ".join(run_cli("exec", "--help").stdout.split())
+    assert "(COMMAND kexec), or exec" not in help_text
+    assert "systemctl kexec: load and exec; any other COMMAND: every phase" in help_text
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "Any COMMAND but kexec is checked as exec" not in readme
+    assert "`systemctl kexec` is checked as load and exec; any other COMMAND" in readme

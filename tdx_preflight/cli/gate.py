@@ -170,7 +170,8 @@ def hook(
     "--phase",
     type=click.Choice(PHASES),
     default=None,
-    help="A phase to check besides those of kexec's own arguments (COMMAND kexec), or exec.",
+    help="A phase to check besides those COMMAND can perform (kexec's arguments; "
+    "systemctl kexec: load and exec; any other COMMAND: every phase).",
 )
 @click.option(
     "--format",
