@@ -101,3 +101,15 @@ def test_exec_phase_help_and_readme_say_what_command_is_checked_as() -> None:
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     assert "Any COMMAND but kexec is checked as exec" not in readme
     assert "`systemctl kexec` is checked as load and exec; any other COMMAND" in readme
+
+
+def test_no_kexec_names_host_paths(tmp_path: Path) -> None:
+    """Both kexec sysfs files are named as the host's /sys paths, with their leading slash and
+    not under the fixture root (the evidence has the paths read)."""
+    spec = tdx_host(kexec_loaded=None, kexec_crash_loaded=None, kexec_crash_size=None)
+    root = build(tmp_path / "root", spec)
+    checks = _checks(run_cli("check", "--root", str(root), "--format", "json").json())
+    said = "neither /sys/kernel/kexec/loaded nor /sys/kernel/kexec_loaded exists"
+    for check_id in ("kernel.kexec", "kexec.image"):
+        assert said in checks[check_id]["summary"], checks[check_id]
+        assert str(root) not in checks[check_id]["summary"]
