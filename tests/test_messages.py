@@ -113,3 +113,59 @@ def test_no_kexec_names_host_paths(tmp_path: Path) -> None:
     for check_id in ("kernel.kexec", "kexec.image"):
         assert said in checks[check_id]["summary"], checks[check_id]
         assert str(root) not in checks[check_id]["summary"]
+
+
+#: /proc/self/status's capability lines of root with every capability, and of a process
+#: with none (a real kernel's format: 16 hex digits).
+_CAPS_ALL = "Name:\tpython3\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n"
+_CAPS_NONE = "Name:\tpython3\nCapInh:\t0000000000000000\nCapEff:\t0000000000000000\n"
+
+
+def test_privileged_reads_capeff() -> None:
+    from tdx_preflight.readers.kvm import privileged
+
+    assert privileged(_CAPS_ALL, 0)
+    assert not privileged(_CAPS_ALL, 1000) and not privileged(_CAPS_NONE, 0)
+    # CAP_SYS_PTRACE (19) without CAP_DAC_READ_SEARCH (2), and the reverse: not enough.
+    assert not privileged("CapEff:\t0000000000080000\n", 0)
+    assert not privileged("CapEff:\t0000000000000004\n", 0)
+    assert privileged("CapEff:\t0000000000080004\n", 0)
+
+
+@pytest.mark.parametrize("method", ["proc", "debugfs+proc"])
+def test_fd_denied_to_root_does_not_say_run_as_root(tmp_path: Path, method: str) -> None:
+    """The live host denied /proc/PID/fd to a root process holding CAP_DAC_READ_SEARCH and
+    CAP_SYS_PTRACE: guests.vm's fix names what blocks it (an LSM, a user namespace, a
+    container) and where to run; debugfs only when it was not already used. Without that
+    privilege the fix stays "run as root"."""
+    from tdx_preflight.facts import gather
+    from tdx_preflight.host import Host, Problem
+    from tdx_preflight.policy import Policy
+    from tdx_preflight.readers.kvm import Enumeration
+    from tdx_preflight.report import evaluate
+
+    root = build(tmp_path / "root", tdx_host(other_processes=0))
+    with Host(str(root)) as host:
+        facts = gather(host, load_msr_module="never")
+    denied = Problem("permission", "/proc/PID/fd", "cannot list the file descriptors")
+
+    def remedy(denied_to_root: bool) -> str:
+        e = Enumeration(method, (), denied, denied_to_root=denied_to_root)
+        report = evaluate(facts._replace(enumeration=e), "exec", Policy())
+        [vm] = [r for r in report.results if r.id == "guests.vm"]
+        assert vm.status == "unknown"
+        return vm.remedy
+
+    as_root = remedy(True)
+    assert "Run as root" not in as_root
+    assert "was not enough" in as_root and "user namespace" in as_root
+    assert "host's namespaces" in as_root
+    assert ("mount -t debugfs" in as_root) == (method == "proc")
+    assert remedy(False).startswith("Run as root (CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE)")
+
+
+def test_one_process_is_singular_in_enumeration_notes(tmp_path: Path) -> None:
+    vm = VmProc(pid=5000, cmdline=qemu_td_cmdline("td1"), misc_tdx=1)
+    root = build(tmp_path / "root", tdx_host(processes=[vm], misc_current={"tdx": 1}))
+    data = run_cli("guests", "--root", str(root), "--format", "json").json()
+    assert data["enumeration"]["notes"] == ["/proc read in the 1 process debugfs names"]
