@@ -169,3 +169,24 @@ def test_one_process_is_singular_in_enumeration_notes(tmp_path: Path) -> None:
     root = build(tmp_path / "root", tdx_host(processes=[vm], misc_current={"tdx": 1}))
     data = run_cli("guests", "--root", str(root), "--format", "json").json()
     assert data["enumeration"]["notes"] == ["/proc read in the 1 process debugfs names"]
+
+
+def test_check_verbose_says_an_incomplete_vm_list_and_unknowns_that_did_not_block(
+    tmp_path: Path,
+) -> None:
+    """An incomplete enumeration (a debugfs kvm directory not named TID-FD) with no VM found:
+    `check -v` says the list is not complete instead of "no KVM VM found", and the verdict
+    line names the unknowns that did not block; the JSON summary stays as it was."""
+    root = build(tmp_path / "root", tdx_host(other_processes=0))
+    (root / "sys/kernel/debug/kvm/not-a-vm").mkdir()
+    report = run_cli("check", "--root", str(root), "--phase", "load", "--format", "json").json()
+    # An allow: no unknown blocked.
+    unknown = [c["id"] for c in report["checks"] if c["status"] == "unknown"]
+    assert "guests.vm" in unknown and report["verdict"] == "allow"
+    assert "unknown" not in report["summary"]
+    text = run_cli("check", "--root", str(root), "--phase", "load", "-v").stdout.splitlines()
+    assert "no KVM VM found" not in text
+    assert "no KVM VM found (the list is not complete: see guests.vm)" in text
+    [verdict] = [line for line in text if line.startswith("verdict: ")]
+    tail = f"; {len(unknown)} unknown, not blocking ({', '.join(unknown)})"
+    assert verdict.endswith(tail), verdict
