@@ -190,3 +190,19 @@ def test_check_verbose_says_an_incomplete_vm_list_and_unknowns_that_did_not_bloc
     [verdict] = [line for line in text if line.startswith("verdict: ")]
     tail = f"; {len(unknown)} unknown, not blocking ({', '.join(unknown)})"
     assert verdict.endswith(tail), verdict
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_no_daemon_says_how_to_start_it(tmp_path: Path, fmt: str) -> None:
+    """status and reload without a daemon (exit 4) say what was seen and how to start one;
+    status's JSON keeps its schema (run_cli validates it)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"control_socket: {tmp_path / 'none.sock'}\nstate_file: {tmp_path / 'state.json'}\n"
+    )
+    run = run_cli("status", "--config", str(config), "--format", fmt)
+    assert run.code == 4 and "no daemon answers" in run.stderr
+    assert "start the daemon: systemctl start tdx-preflight" in run.stderr
+    assert "tdx-preflight check works without it" in run.stderr
+    reload = run_cli("reload", "--config", str(config))
+    assert reload.code == 4 and "start the daemon: systemctl start tdx-preflight" in reload.stderr
