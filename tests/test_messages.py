@@ -206,3 +206,28 @@ def test_no_daemon_says_how_to_start_it(tmp_path: Path, fmt: str) -> None:
     assert "tdx-preflight check works without it" in run.stderr
     reload = run_cli("reload", "--config", str(config))
     assert reload.code == 4 and "start the daemon: systemctl start tdx-preflight" in reload.stderr
+
+
+@pytest.mark.parametrize("columns", ["74", "80"])
+def test_command_list_is_not_cut(columns: str) -> None:
+    """`--help` (and the manual page help2man makes of it, at 74 columns in
+    debian/command-help.sh) lists each command with a whole line: no "..." that click
+    adds when it shortens a first help line."""
+    run = run_cli("--help", env={"COLUMNS": columns})
+    listing = run.stdout.split("Commands:\n", 1)[1].splitlines()
+    assert len(listing) == 13 and all(line.startswith("  ") for line in listing), listing
+    assert not [line for line in listing if line.endswith("...")], listing
+
+
+def test_choice_arguments_have_a_plain_metavar() -> None:
+    """hook's PHASE and schema's NAME read the same with every click version (8.1 shows a
+    choice argument as [[load|exec|crash]], later ones as [load|exec|crash])."""
+    hook = run_cli("hook", "--help").stdout.splitlines()[0]
+    assert hook == "Usage: tdx-preflight hook [OPTIONS] [PHASE] [-- KEXEC ARGS...]"
+    schema = run_cli("schema", "--help").stdout.splitlines()[0]
+    assert schema == "Usage: tdx-preflight schema [OPTIONS] [NAME]"
+
+
+def test_install_integrations_says_it_is_for_pip_installs() -> None:
+    text = " ".join(run_cli("install-integrations", "--help").stdout.split())
+    assert "For pip installs only: the Debian package installs all of these itself" in text

@@ -14,7 +14,7 @@ from .options import common
 from .run import host_and_policy
 
 
-@cli.command()
+@cli.command(short_help="Run the agent (systemd Type=notify).")
 @common
 def daemon(root: str | None, config_path: str | None) -> None:
     """Run the agent in the foreground (systemd Type=notify): track VMs and TDs, serve reports."""
@@ -37,7 +37,7 @@ START_HINT = (
 )
 
 
-@cli.command()
+@cli.command(short_help="The daemon's view: verdict, TDs, VMs.")
 @common
 @click.option(
     "--format", "fmt", type=click.Choice(("text", "json")), default="text", show_default=True
@@ -92,7 +92,7 @@ def status(root: str | None, config_path: str | None, fmt: str) -> None:
     sys.exit(code if code in (0, 1, 3) else EXIT_UNKNOWN)
 
 
-@cli.command()
+@cli.command(short_help="Make the daemon reload its configuration.")
 @common
 @click.option(
     "--timeout",
