@@ -231,3 +231,15 @@ def test_choice_arguments_have_a_plain_metavar() -> None:
 def test_install_integrations_says_it_is_for_pip_installs() -> None:
     text = " ".join(run_cli("install-integrations", "--help").stdout.split())
     assert "For pip installs only: the Debian package installs all of these itself" in text
+
+
+def test_wrapper_how_to_enable_tells_a_debian_user_it_is_done() -> None:
+    """The wrapper ships as /usr/sbin/kexec-gated in the package, whose postinst diverts
+    kexec itself: its HOW TO ENABLE says so first, before the pip steps (a local diversion
+    made by hand would clash with the package's)."""
+    script = (Path(__file__).resolve().parents[1] / "config/kexec-wrapper.sh").read_text()
+    how = script.split("# HOW TO ENABLE\n", 1)[1]
+    first = " ".join(line.lstrip("# ") for line in how.split("#\n", 1)[0].splitlines())
+    assert first.startswith("Debian package: already done.")
+    assert "postinst diverts kexec-tools' kexec" in first and "for pip installs" in first
+    assert how.index("pip installs.") < how.index("dpkg-divert --local")
