@@ -377,3 +377,17 @@ def test_install_then_purge_leaves_the_root_as_it_was(deb: Path, tmp_path: Path)
     assert "trigger: diverted when kexec-tools came later" in run.stdout
     assert "trigger: undiverted when kexec-tools went" in run.stdout
     assert "trigger: diverted again when kexec-tools came back" in run.stdout
+
+
+def test_readme_names_the_shared_files_the_package_installs() -> None:
+    """README's table of what the package holds names each file debian/rules installs under
+    /usr/share/tdx-preflight/ by its real name (kured's: every file of config/kured/)."""
+    rules = (REPO / "debian/rules").read_text()
+    readme = (REPO / "README.md").read_text()
+    share = "/usr/share/tdx-preflight/"
+    named = re.findall(r"\$\(SHARE\)/(\S+\.\w+)", rules)
+    assert named, rules
+    kured = [f"kured/{p.name}" for p in sorted((REPO / "config/kured").iterdir())]
+    for path in [*named, *kured]:
+        assert f"{share}{path}" in readme, path
+    assert "PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b" in readme
