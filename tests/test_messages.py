@@ -243,3 +243,21 @@ def test_wrapper_how_to_enable_tells_a_debian_user_it_is_done() -> None:
     assert first.startswith("Debian package: already done.")
     assert "postinst diverts kexec-tools' kexec" in first and "for pip installs" in first
     assert how.index("pip installs.") < how.index("dpkg-divert --local")
+
+
+def test_units_readme_gives_the_debian_package_paths() -> None:
+    """systemd/README.md ships in the package (/usr/share/tdx-preflight/systemd-README.md):
+    it names the package's paths beside the pip ones, and the diversion postinst makes."""
+    repo = Path(__file__).resolve().parents[1]
+    text = " ".join((repo / "systemd/README.md").read_text().split())
+    opening = text.split("| file |", 1)[0]
+    assert "/usr/bin/tdx-preflight" in opening and "/usr/local/bin/tdx-preflight" in opening
+    table = text.split("| file |", 1)[1].split("Each file's header", 1)[0]
+    assert "/lib/systemd/system/tdx-preflight.service" in table
+    assert "`/usr/sbin/kexec-gated`, and kexec-tools' kexec diverted to it" in table
+    diversion = text.split("## The kexec diversion", 1)[1].split("Debian's kexec-tools also", 1)[0]
+    assert diversion.index("postinst diverts") < diversion.index("On a pip install")
+    missing = text.split("Hosts where", 1)[1]
+    assert missing.index("/usr/bin/tdx-preflight") < missing.index("fail (exit 127)")
+    readme = " ".join((repo / "README.md").read_text().split())
+    assert "It does not divert `/sbin/kexec` (the Debian package does)" in readme
