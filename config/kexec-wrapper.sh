@@ -39,6 +39,12 @@
 #   journal any more (journald has stopped) and the refusal otherwise left no trace.
 #
 # HOW TO ENABLE
+#   Debian package: already done. Its postinst diverts kexec-tools' kexec to KEXEC.distrib and
+#   links this script (/usr/sbin/kexec-gated) in its place, again whenever kexec-tools is
+#   installed later (`dpkg-divert --list '*kexec*'` shows it; see kexec-gated(8)). Make no
+#   diversion of your own there: it would clash with the package's. The steps below are for
+#   pip installs.
+#
 #   install -m 0755 config/kexec-wrapper.sh /usr/local/sbin/kexec-gated
 #   (`tdx-preflight install-integrations` does this), then call kexec-gated wherever you would
 #   call kexec: `kexec-gated -l /boot/vmlinuz-V --initrd=/boot/initrd.img-V --reuse-cmdline`.

@@ -57,11 +57,16 @@ def report_text(report: Report, *, verbose: bool = False, colour: bool = False) 
             ev = json.dumps(r.evidence, sort_keys=True, default=str)
             lines.append(f"{'':8} {'':{width}}  evidence: {ev}")
     if verbose:
-        lines.extend(_guest_lines(f.guests, verbose=True))
+        lines.extend(_report_guest_lines(report))
     lines.extend(report.notes)
     if any(r.blocks for r in report.results):
         lines.append("(* blocks the verdict)")
     verdict = f"verdict: {report.verdict.upper()} (exit {report.exit_code}): {report.summary}"
+    # The JSON summary stays as it is; the person reading the text also learns what could
+    # not be read although it did not block (an allow with unknowns is not a clean allow).
+    unread = [r.id for r in report.results if r.status == "unknown" and not r.blocks]
+    if unread:
+        verdict += f"; {len(unread)} unknown, not blocking ({', '.join(unread)})"
     lines.append(_style(verdict, report.verdict, colour, bold=True))
     vouched = report.sys_disable_vouched()
     if vouched:
@@ -75,6 +80,18 @@ def report_text(report: Report, *, verbose: bool = False, colour: bool = False) 
 def report_json(report: Report) -> str:
     """Indented for a person at a terminal, compact for a program."""
     return json.dumps(report.to_json(), indent=2 if sys.stdout.isatty() else None, default=str)
+
+
+def _report_guest_lines(report: Report) -> list[str]:
+    """check -v's VM list: when the enumeration is incomplete it says so, and where the
+    reason is (guests.vm), rather than "no KVM VM found"."""
+    guests = report.facts.guests
+    if report.facts.enumeration.complete:
+        return _guest_lines(guests, verbose=True)
+    gap = "the list is not complete: see guests.vm"
+    if not guests:
+        return [f"no KVM VM found ({gap})"]
+    return [*_guest_lines(guests, verbose=True), f"({gap})"]
 
 
 def _guest_lines(

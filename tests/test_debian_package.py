@@ -157,10 +157,31 @@ def test_package_holds_the_integrations_at_debian_paths(deb: Path, tmp_path: Pat
     for name in cli.commands:
         roff = name.replace("-", "\\-")
         assert f".SS {roff}\n.nf\nUsage: tdx\\-preflight {roff}" in page, name
+    # Whole command lines (click shortens a long first help line with "..."), and choice
+    # arguments named the same whichever click built the page.
+    commands = page.split("Commands:", 1)[1].split(".SH", 1)[0]
+    assert "..." not in commands, commands
+    assert "hook [OPTIONS] [PHASE] [\\-\\- KEXEC ARGS...]" in page
+    assert "[[" not in page
 
 
 def _roff_text(page: str) -> str:
     return page.replace("\\-", "-").replace("\\&", "")
+
+
+def test_manual_page_sections_cover_every_exit_status_and_the_diversion() -> None:
+    """debian/tdx-preflight.h2m, written by hand: the exit codes of every command that has
+    its own (guests, status, reload besides check, hook and exec), and the files the package
+    puts in kexec's place (kexec-gated(8) has the details)."""
+    h2m = _roff_text((REPO / "debian/tdx-preflight.h2m").read_text())
+    exit_status = h2m.split("[EXIT STATUS]", 1)[1].split("[FILES]", 1)[0]
+    for command in ("check and hook:", "exec exits", "guests:", "status:", "reload:"):
+        assert command in exit_status, command
+    assert "4 when no daemon answers" in exit_status and "4 no daemon answers" in exit_status
+    files = h2m.split("[FILES]", 1)[1].split("[SEE ALSO]", 1)[0]
+    for path in ("/usr/sbin/kexec-gated", "/sbin/kexec.distrib", "/usr/sbin/kexec.distrib"):
+        assert path in files, path
+    assert "dpkg-divert --list" in files
 
 
 def test_kexec_gated_manual_page_matches_the_wrapper() -> None:
@@ -376,3 +397,17 @@ def test_install_then_purge_leaves_the_root_as_it_was(deb: Path, tmp_path: Path)
     assert "trigger: diverted when kexec-tools came later" in run.stdout
     assert "trigger: undiverted when kexec-tools went" in run.stdout
     assert "trigger: diverted again when kexec-tools came back" in run.stdout
+
+
+def test_readme_names_the_shared_files_the_package_installs() -> None:
+    """README's table of what the package holds names each file debian/rules installs under
+    /usr/share/tdx-preflight/ by its real name (kured's: every file of config/kured/)."""
+    rules = (REPO / "debian/rules").read_text()
+    readme = (REPO / "README.md").read_text()
+    share = "/usr/share/tdx-preflight/"
+    named = re.findall(r"\$\(SHARE\)/(\S+\.\w+)", rules)
+    assert named, rules
+    kured = [f"kured/{p.name}" for p in sorted((REPO / "config/kured").iterdir())]
+    for path in [*named, *kured]:
+        assert f"{share}{path}" in readme, path
+    assert "PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b" in readme

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from .. import plural  # noqa: F401  (re-exported: the checks import it from here)
 from ..facts import HostFacts
 
 PHASES = ("load", "exec", "crash")
@@ -154,8 +155,3 @@ def problem_remedy(kind: str, what: str) -> str:
         f"Look at {what} (the summary says what is wrong with it: an I/O error, or contents "
         "not in the kernel's format); fix the mount or the file, then run again."
     )
-
-
-def plural(count: int, noun: str) -> str:
-    """`1 TD`, `2 TDs`: a count with its noun, for summaries a person reads."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"

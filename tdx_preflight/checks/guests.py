@@ -72,6 +72,20 @@ def _misc_remedy(facts: HostFacts) -> str:
 def _enum_remedy(facts: HostFacts) -> str:
     e = facts.enumeration
     if e.problem is not None and e.problem.kind == "permission":
+        if e.denied_to_root:
+            # Live host, and the tool already has root and both capabilities: more
+            # privilege is not the fix; the namespace or the security policy is.
+            fix = (
+                "Running as root with CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE was not enough: "
+                "an LSM (AppArmor, SELinux), a user namespace or a container denies "
+                "/proc/PID/fd. Run in the host's namespaces, outside that confinement"
+            )
+            if e.method == "proc":
+                fix += (
+                    ", or mount debugfs (mount -t debugfs none /sys/kernel/debug): its "
+                    "kvm/ directory lists every VM without reading /proc/PID/fd"
+                )
+            return fix + "."
         return "Run as root (CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE) so every VM can be found."
     return "Mount debugfs (mount -t debugfs none /sys/kernel/debug) or make /proc readable."
 

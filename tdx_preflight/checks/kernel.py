@@ -75,12 +75,11 @@ NO_CRASH_REMEDY = "Boot a kernel built with CONFIG_CRASH_DUMP and a crashkernel=
 
 
 def _no_kexec(facts: HostFacts) -> str:
-    """What kernel.kexec sees when no kexec sysfs exists at all."""
-    loaded = facts.kexec.loaded
-    path = loaded.path if isinstance(loaded, Problem) else "sys/kernel/kexec_loaded"
+    """What kernel.kexec sees when no kexec sysfs exists at all, in the host's paths (the
+    evidence has the paths read, under a fixture or snapshot root)."""
     tdx = facts.tdx_use.state == "yes"
     why = " (a 6.8 to 6.17 kernel with TDX host support has none)" if tdx else ""
-    return f"neither sys/kernel/kexec/loaded nor {path} exists{why}"
+    return f"neither /sys/kernel/kexec/loaded nor /sys/kernel/kexec_loaded exists{why}"
 
 
 def _no_kexec_remedy(facts: HostFacts) -> str:

@@ -44,15 +44,18 @@ def _echo_steps(steps: list[Step], dry_run: bool) -> None:
         click.echo(f"{verb} {what}" + (f" ({step.why})" if step.why else ""))
 
 
-@cli.command("install-integrations")
+@cli.command("install-integrations", short_help="pip installs: units, wrapper, alert rule.")
 @_prefix
 @_dry_run
 def install_integrations_cmd(prefix: str, dry_run: bool) -> None:
     """Install the unit, the kexec/kdump drop-ins, the kexec wrapper and the alert rule.
 
-    From this installed copy of tdx-preflight; links /usr/local/bin/tdx-preflight to it when
-    nothing is there. What it writes is recorded (PREFIX/var/lib/tdx-preflight/
-    integrations.json) for uninstall-integrations. Exit 2 when it cannot.
+    For pip installs only: the Debian package installs all of these itself, and also
+    diverts kexec-tools' kexec to the wrapper, which this does not (see the wrapper's
+    HOW TO ENABLE). Installs from this copy of tdx-preflight; links
+    /usr/local/bin/tdx-preflight to it when nothing is there. What it writes is recorded
+    in PREFIX/var/lib/tdx-preflight/integrations.json for uninstall-integrations. Exit 2
+    when it cannot.
     """
     from pathlib import Path
 
@@ -71,7 +74,7 @@ def install_integrations_cmd(prefix: str, dry_run: bool) -> None:
         click.echo(f"recorded in {Path(prefix) / MANIFEST}")
 
 
-@cli.command("uninstall-integrations")
+@cli.command("uninstall-integrations", short_help="Remove what install-integrations wrote.")
 @_prefix
 @_dry_run
 def uninstall_integrations_cmd(prefix: str, dry_run: bool) -> None:
@@ -90,7 +93,7 @@ def uninstall_integrations_cmd(prefix: str, dry_run: bool) -> None:
     _echo_steps(steps, dry_run)
 
 
-@cli.command("keep-crash-kernel")
+@cli.command("keep-crash-kernel", short_help="Exit 0 when kdump should keep its kernel.")
 @common
 def keep_crash_kernel(root: str | None, config_path: str | None) -> None:
     """Exit 0 when a restart of the kdump unit should keep the crash kernel armed now.

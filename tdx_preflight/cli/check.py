@@ -14,7 +14,7 @@ from .options import common, metrics_option, quiet_option
 from .run import host_and_policy, refuse_with_quiet, run_checks, show_report, write_cli_metrics
 
 
-@cli.command(help_exit=EXIT_USAGE)
+@cli.command(help_exit=EXIT_USAGE, short_help="Run the checks once: 0 allow, 1 or 3 block.")
 @common
 @click.option(
     "--phase",
@@ -52,7 +52,7 @@ def check(
     sys.exit(report.exit_code)
 
 
-@cli.command()
+@cli.command(short_help="List KVM VMs and TD guests, with evidence.")
 @common
 @click.option(
     "--format", "fmt", type=click.Choice(("text", "json")), default="text", show_default=True
@@ -123,7 +123,7 @@ def _complete_check_id(
     return [CompletionItem(c.id, help=c.title) for c in CHECKS if c.id.startswith(incomplete)]
 
 
-@cli.command()
+@cli.command(short_help="What a check asks, why, and how to fix it.")
 @common
 @click.argument("check_id", required=False, shell_complete=_complete_check_id)
 def explain(root: str | None, config_path: str | None, check_id: str | None) -> None:
@@ -167,12 +167,14 @@ def explain(root: str | None, config_path: str | None, check_id: str | None) -> 
     click.echo("\n".join(lines))
 
 
-@cli.command("schema")
-@click.argument("name", type=click.Choice(SCHEMA_NAMES), default="report")
+@cli.command("schema", short_help="Print the JSON Schema of a JSON output.")
+# An explicit metavar: click 8.1 (Debian 12) shows a choice argument as [[a|b]], later
+# versions as [a|b]; the docstring lists the names.
+@click.argument("name", type=click.Choice(SCHEMA_NAMES), default="report", metavar="[NAME]")
 def schema_(name: str) -> None:
     """Print the JSON Schema (draft 2020-12) of a --format json output.
 
-    report: check, hook and exec; guests; status. The files ship inside the
+    NAME (default report): report: check, hook and exec; guests; status. The files ship inside the
     package (tdx_preflight/schema/NAME.schema.json).
     """
     from ..schema import text

@@ -14,7 +14,7 @@ from .options import common
 from .run import host_and_policy
 
 
-@cli.command()
+@cli.command(short_help="Run the agent (systemd Type=notify).")
 @common
 def daemon(root: str | None, config_path: str | None) -> None:
     """Run the agent in the foreground (systemd Type=notify): track VMs and TDs, serve reports."""
@@ -31,7 +31,13 @@ def daemon(root: str | None, config_path: str | None) -> None:
     sys.exit(run_daemon(policy, host.root, config_path))
 
 
-@cli.command()
+#: What `status` tells a person when no daemon answers (exit 4).
+START_HINT = (
+    "start the daemon: systemctl start tdx-preflight (tdx-preflight check works without it)"
+)
+
+
+@cli.command(short_help="The daemon's view: verdict, TDs, VMs.")
 @common
 @click.option(
     "--format", "fmt", type=click.Choice(("text", "json")), default="text", show_default=True
@@ -72,7 +78,7 @@ def status(root: str | None, config_path: str | None, fmt: str) -> None:
             message = f"{why_socket} on {policy.control_socket}; {why}"
             if fmt == "json":
                 click.echo(dump_json({"daemon": None, "exit_code": EXIT_NO_DAEMON, "why": message}))
-            click.echo(f"tdx-preflight: {message}", err=True)
+            click.echo(f"tdx-preflight: {message}; {START_HINT}", err=True)
             host.close()
             sys.exit(EXIT_NO_DAEMON)
         reply, source = state, f"state file {policy.state_file} ({why_socket} on the socket)"
@@ -86,7 +92,7 @@ def status(root: str | None, config_path: str | None, fmt: str) -> None:
     sys.exit(code if code in (0, 1, 3) else EXIT_UNKNOWN)
 
 
-@cli.command()
+@cli.command(short_help="Make the daemon reload its configuration.")
 @common
 @click.option(
     "--timeout",
@@ -116,7 +122,11 @@ def reload(root: str | None, config_path: str | None, timeout: float) -> None:
     got = exchange(socket_path, {"op": "status"}, timeout=min(5.0, timeout))
     before = _reload_generation(got.body if got else None)
     if got is None or before is None:
-        click.echo(f"tdx-preflight: reload: no daemon answers on {socket_path}", err=True)
+        click.echo(
+            f"tdx-preflight: reload: no daemon answers on {socket_path}; start the daemon: "
+            "systemctl start tdx-preflight (it reads the configuration as it starts)",
+            err=True,
+        )
         sys.exit(EXIT_NO_DAEMON)
     # The pid is the kernel's word for who answered (SO_PEERCRED), not the reply's.
     os.kill(got.peer_pid, signal.SIGHUP)

@@ -111,7 +111,12 @@ def _nothing_to_check(fmt: str | None) -> None:
         click.echo(f"tdx-preflight: {summary}")
 
 
-@cli.command(passthrough="kexec_args", passthrough_metavar="KEXEC ARGS", help_exit=EXIT_USAGE)
+@cli.command(
+    passthrough="kexec_args",
+    passthrough_metavar="KEXEC ARGS",
+    help_exit=EXIT_USAGE,
+    short_help="For kexec wrappers: exit 0 only on allow.",
+)
 @common
 @click.option(
     "--format",
@@ -124,7 +129,9 @@ def _nothing_to_check(fmt: str | None) -> None:
 @_reason
 @metrics_option
 @quiet_option
-@click.argument("phase", type=click.Choice(PHASES), required=False)
+# An explicit metavar: click 8.1 (Debian 12) shows a choice argument as [[a|b]], later
+# versions as [a|b]; the docstring names the phases.
+@click.argument("phase", type=click.Choice(PHASES), required=False, metavar="[PHASE]")
 def hook(
     root: str | None,
     config_path: str | None,
@@ -139,7 +146,7 @@ def hook(
     """For kexec wrappers: `hook [PHASE] [OPTIONS] [-- KEXEC ARGS...]`, exit 0 only on allow.
 
     Checks every phase kexec's arguments can perform (read as kexec-tools
-    reads them), plus PHASE when given; blocks when any phase blocks.
+    reads them), plus PHASE (load, exec or crash) when given; blocks when any phase blocks.
     Re-reads at decision time everything that can change (VMs, misc cgroup,
     kexec sysfs); the daemon is asked only for its TD ledger. A load names
     its kernel image, whose TDX support is reported (target.kernel). On
@@ -164,13 +171,20 @@ def hook(
     sys.exit(code)
 
 
-@cli.command("exec", passthrough="command", passthrough_metavar="COMMAND", help_exit=EXIT_USAGE)
+@cli.command(
+    "exec",
+    passthrough="command",
+    passthrough_metavar="COMMAND",
+    help_exit=EXIT_USAGE,
+    short_help="Check, then run COMMAND only on allow.",
+)
 @common
 @click.option(
     "--phase",
     type=click.Choice(PHASES),
     default=None,
-    help="A phase to check besides those of kexec's own arguments (COMMAND kexec), or exec.",
+    help="A phase to check besides those COMMAND can perform (kexec's arguments; "
+    "systemctl kexec: load and exec; any other COMMAND: every phase).",
 )
 @click.option(
     "--format",

@@ -12,7 +12,7 @@ from .options import common
 from .run import host_and_policy
 
 
-@cli.command()
+@cli.command(short_help="Capture what the checks read, to replay.")
 @common
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option(

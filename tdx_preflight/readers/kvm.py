@@ -6,9 +6,11 @@ not) is readers/vmclass.py, whose names this module re-exports for its callers.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import NamedTuple
 
+from .. import plural
 from ..host import Host, Problem, parse_uint
 from .vmclass import (  # noqa: F401  (re-exported: classification used to live here)
     LIBVIRT_QEMU,
@@ -57,10 +59,46 @@ class Enumeration(NamedTuple):
     #: When incomplete: the processes whose descriptors could not be read (a VM
     #: missing from the list can only be theirs); None when the gap has no bounds.
     unseen: frozenset[int] | None = frozenset()
+    #: The /proc/PID/fd denial came although this process, reading the live host, runs as
+    #: root with CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE (an LSM, a user namespace or a
+    #: sandbox denies it): more privilege is not the fix.
+    denied_to_root: bool = False
 
     @property
     def complete(self) -> bool:
         return self.method is not None and self.problem is None
+
+
+#: The capabilities that let a process list every process's /proc/PID/fd.
+CAP_DAC_READ_SEARCH = 2
+CAP_SYS_PTRACE = 19
+_CAP_MASK = re.compile(r"[0-9a-f]{1,16}")
+
+
+def privileged(status: str, euid: int) -> bool:
+    """Whether a process whose /proc/PID/status is `status` runs as root (`euid` 0) with
+    CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE effective (its CapEff line)."""
+    if euid != 0:
+        return False
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key == "CapEff":
+            if not _CAP_MASK.fullmatch(value.strip()):
+                return False
+            need = (1 << CAP_DAC_READ_SEARCH) | (1 << CAP_SYS_PTRACE)
+            return int(value, 16) & need == need
+    return False
+
+
+def _self_privileged() -> bool:
+    """Whether this process has what /proc/PID/fd needs. Read from the tool's own
+    /proc/self/status, not through the host root: it is about the reader, and matters only
+    for reads of the live host (a fixture's or snapshot's denials are not this process's)."""
+    try:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as f:
+            return privileged(f.read(), os.geteuid())
+    except OSError:
+        return False
 
 
 # -- enumeration ------------------------------------------------------------------
@@ -231,15 +269,22 @@ def _from_proc(
             for n in fds.vcpu_only_vms()
         )
     problem = None
+    denied_to_root = False
     if failed:
         pid, first = failed[0]
         need = ""
         if first.kind == "permission":
-            need = "; needs CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE"
+            denied_to_root = host.live and _self_privileged()
+            need = (
+                "; denied although this process runs as root with CAP_DAC_READ_SEARCH and "
+                "CAP_SYS_PTRACE"
+                if denied_to_root
+                else "; needs CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE"
+            )
         problem = Problem(
             first.kind,
             host.display("proc/PID/fd"),
-            f"cannot list the file descriptors of {len(failed)} processes "
+            f"cannot list the file descriptors of {plural(len(failed), 'process', 'processes')} "
             f"(e.g. {pid}: {first.detail}){need}",
         )
     return Enumeration(
@@ -247,6 +292,7 @@ def _from_proc(
         tuple(sorted(vms, key=lambda v: (v.pid or 0, v.vm_fd))),
         problem,
         unseen=frozenset(pid for pid, _ in failed),
+        denied_to_root=denied_to_root,
     )
 
 
@@ -315,11 +361,15 @@ def enumerate_vms(host: Host, proc_partial: bool = False) -> Enumeration:
     whole = bool(bad) or any(d.pid is None for d in debugfs)
     proc = _from_proc(host, proc_partial, None if whole else named)
     if not whole:
-        notes.append(f"/proc read in the {len(named)} processes debugfs names")
+        notes.append(
+            f"/proc read in the {plural(len(named), 'process', 'processes')} debugfs names"
+        )
     # debugfs lists every VM of the host even when /proc shows only part of it.
     problem = None if proc_partial else proc.problem
     unseen = frozenset() if proc_partial else proc.unseen
+    denied_to_root = problem is not None and proc.denied_to_root
     if bad:
+        denied_to_root = False
         unseen = None  # a VM directory that names no process: the gap could be anyone's
         problem = Problem(
             "malformed",
@@ -329,6 +379,6 @@ def enumerate_vms(host: Host, proc_partial: bool = False) -> Enumeration:
     if proc.method is None:
         assert proc.problem is not None
         notes.append(f"/proc scan not used: {proc.problem}")
-        return Enumeration("debugfs", tuple(debugfs), problem, tuple(notes), unseen)
+        return Enumeration("debugfs", tuple(debugfs), problem, tuple(notes), unseen, denied_to_root)
     vms, more = _union(debugfs, proc.vms)
-    return Enumeration("debugfs+proc", tuple(vms), problem, (*notes, *more), unseen)
+    return Enumeration("debugfs+proc", tuple(vms), problem, (*notes, *more), unseen, denied_to_root)
