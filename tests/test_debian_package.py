@@ -189,7 +189,7 @@ def test_kexec_gated_manual_page_matches_the_wrapper() -> None:
     script = (REPO / "config/kexec-wrapper.sh").read_text()
     page = _roff_text((REPO / "debian/kexec-gated.8").read_text())
     variables = set(re.findall(r"\bKEXEC_GATED_[A-Z]+\b", script))
-    assert len(variables) == 5, variables
+    assert len(variables) == 6, variables
     assert set(re.findall(r"^\.B (KEXEC_GATED_[A-Z]+)$", page, re.MULTILINE)) == variables
     # The real kexec: the same candidates, in the script's order.
     (candidates,) = re.findall(r"^    for candidate in (.*); do$", script, re.MULTILINE)
@@ -199,8 +199,9 @@ def test_kexec_gated_manual_page_matches_the_wrapper() -> None:
     assert "preflight=${KEXEC_GATED_PREFLIGHT:-/usr/local/bin/tdx-preflight}" in script
     assert "(default\n.IR /usr/bin/tdx-preflight )" in page
     # Every exit code is documented: the hook's (1, 2, 3), a shell's when the tool cannot be
-    # run (126, 127), and the script's own 2 for a loop.
-    assert re.findall(r"^\s*exit (\S+)$", script, re.MULTILINE) == ["2", '"$code"']
+    # run (126, 127), the script's own 2 for a bad timeout and a loop, 3 for no answer in time.
+    assert re.findall(r"^\s*exit (\S+)$", script, re.MULTILINE) == ["2", "2", '"$code"']
+    assert "code=3" in script and "KEXEC_GATED_TIMEOUT" in page
     assert "126 | 127) why=" in script
     for item in (".B 1", ".B 2", ".B 3", '.BR 126 ", " 127'):
         assert f"\n{item}\n" in page, item
