@@ -32,24 +32,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from hostbuilder import VmProc, build, qemu_td_cmdline, qemu_vm_cmdline, tdx_host
+from hostbuilder import VmProc, build, bzimage, qemu_td_cmdline, qemu_vm_cmdline, tdx_host
 
 #: The fixture's kernel release (hostbuilder.tdx_host's); the image the hook loads carries it.
 RELEASE = "6.18.2-1-amd64"
 IMAGE = f"boot/vmlinuz-{RELEASE}"
-
-
-def bzimage(version: str, size: int = 64 * 1024) -> bytes:
-    """A minimal x86 bzImage head: "HdrS" at 0x202, kernel_version pointer at 0x20E."""
-    data = bytearray(size)
-    data[0x1FE:0x200] = b"\x55\xaa"
-    data[0x202:0x206] = b"HdrS"
-    data[0x206:0x208] = (0x020F).to_bytes(2, "little")
-    where = 0x3000
-    data[0x20E:0x210] = (where - 0x200).to_bytes(2, "little")
-    raw = version.encode() + b"\0"
-    data[where : where + len(raw)] = raw
-    return bytes(data)
 
 
 def fixture(root: Path, other_processes: int) -> Path:

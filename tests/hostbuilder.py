@@ -45,6 +45,24 @@ from pathlib import Path
 from typing import Any
 
 
+def bzimage(version: str, size: int = 64 * 1024) -> bytes:
+    """A minimal x86 bzImage head: boot flag, "HdrS" at 0x202, kernel_version at 0x20E.
+
+    As arch/x86/boot/header.S lays it out: the boot flag 0xAA55 at 0x1FE, the "HdrS" magic
+    at 0x202, the boot protocol version at 0x206, and at 0x20E the offset, minus 0x200, of
+    the NUL-terminated version string (here at 0x3000). `size` bytes in all.
+    """
+    data = bytearray(size)
+    data[0x1FE:0x200] = b"\x55\xaa"
+    data[0x202:0x206] = b"HdrS"
+    data[0x206:0x208] = (0x020F).to_bytes(2, "little")
+    where = 0x3000
+    data[0x20E:0x210] = (where - 0x200).to_bytes(2, "little")
+    raw = version.encode() + b"\0"
+    data[where : where + len(raw)] = raw
+    return bytes(data)
+
+
 def _words(text: str) -> list[str]:
     return text.split()
 

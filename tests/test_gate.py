@@ -13,22 +13,9 @@ from typing import Any
 import pytest
 from conftest import kvm_usable, run_cli, statuses
 from daemonproc import DaemonProc, entries
-from hostbuilder import HostSpec, VmProc, build, config_text, qemu_td_cmdline, tdx_host
+from hostbuilder import HostSpec, VmProc, build, bzimage, config_text, qemu_td_cmdline, tdx_host
 
 RELEASE = "6.18.2-1-amd64"
-
-
-def bzimage(version: str, size: int = 64 * 1024) -> bytes:
-    """A minimal x86 bzImage head: boot flag, "HdrS" at 0x202, kernel_version at 0x20E."""
-    data = bytearray(size)
-    data[0x1FE:0x200] = b"\x55\xaa"
-    data[0x202:0x206] = b"HdrS"
-    data[0x206:0x208] = (0x020F).to_bytes(2, "little")
-    where = 0x3000
-    data[0x20E:0x210] = (where - 0x200).to_bytes(2, "little")
-    raw = version.encode() + b"\0"
-    data[where : where + len(raw)] = raw
-    return bytes(data)
 
 
 def gate_root(tmp_path: Path, spec: HostSpec | None = None, **images: bytes) -> Path:
