@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -103,7 +104,12 @@ def test_cmdline(blob: bytes) -> None:
 @FUZZ
 @given(st.text(max_size=2000))
 def test_status_and_cgroup(text: str) -> None:
-    assert isinstance(kvm.parse_status(text), dict)
+    try:
+        fields = kvm.parse_status(text)
+    except ValueError as exc:
+        assert "twice" in str(exc)
+    else:
+        assert isinstance(fields, dict) and set(fields) <= {"Tgid", "Uid"}
     path = cgroup.parse_proc_cgroup(text)
     assert path is None or path.startswith("/")
 
@@ -133,3 +139,23 @@ def test_kernel_cmdline(text: str, name: str) -> None:
         assert isinstance(param, str) and (value is None or isinstance(value, str))
     got = kernel.cmdline_bool(text, name, "cmdline")
     assert got is None or isinstance(got, bool) or got.kind == "malformed"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Name:\tq\nTgid:\t5\nPid:\t6\nTgid:\t7\n",
+        "Tgid:\t5\nPid:\t6\nTgid:\t7\n",
+        "Name:\tq\nUid:\t0\t0\t0\t0\nUid:\t1\t1\t1\t1\n",
+    ],
+)
+def test_a_status_line_given_twice_is_malformed(text: str) -> None:
+    # fs/proc/array.c prints each line once: a second one is not "the last one wins".
+    with pytest.raises(ValueError, match="twice"):
+        kvm.parse_status(text)
+
+
+def test_a_status_line_given_once_is_read() -> None:
+    text = "Name:\tq\nTgid:\t5\nPid:\t6\nUid:\t0\t0\t0\t0\n"
+    assert kvm.parse_status(text) == {"Tgid": "5", "Uid": "0\t0\t0\t0"}
+    assert kvm.parse_status("Tgid:\t9\n") == {"Tgid": "9"}

@@ -105,11 +105,19 @@ def _self_privileged() -> bool:
 
 
 def _status_value(text: str, key: str) -> str | None:
-    """The value of the last line `KEY:VALUE` of a status text, stripped; None when none."""
-    at = text.rfind("\n" + key + ":")
+    """The value of the line `KEY:VALUE` of a status text, stripped; None when none.
+
+    Raises ValueError when the line is there twice: fs/proc/array.c prints it once, and a
+    duplicate is malformed, never "the last one wins".
+    """
+    marker = "\n" + key + ":"
+    at = text.find(marker)
+    first = text.startswith(key + ":")
+    if at >= 0 and (first or text.find(marker, at + 1) >= 0):
+        raise ValueError(f"the {key} line is there twice")
     if at >= 0:
-        start = at + len(key) + 2
-    elif text.startswith(key + ":"):
+        start = at + len(marker)
+    elif first:
         start = len(key) + 1
     else:
         return None
@@ -122,6 +130,7 @@ def parse_status(text: str) -> dict[str, str]:
 
     Found by string search, not a per-line scan: a status file is about 55 lines, and
     the check reads one per VM (fs/proc/array.c prints each of these lines once).
+    Raises ValueError when one of them is there twice (malformed).
     """
     out: dict[str, str] = {}
     for key in ("Tgid", "Uid"):
@@ -137,7 +146,11 @@ def tgid_of(host: Host, tid: int) -> int | Problem:
     text = host.read_text(rel)
     if isinstance(text, Problem):
         return text
-    tgid = parse_uint(parse_status(text).get("Tgid", ""), 10)
+    try:
+        fields = parse_status(text)
+    except ValueError as exc:
+        return Problem("malformed", host.display(rel), str(exc))
+    tgid = parse_uint(fields.get("Tgid", ""), 10)
     if tgid is None:
         return Problem("malformed", host.display(rel), "no Tgid line")
     return tgid
