@@ -8,12 +8,12 @@ The guest's driver (guest/tdxpf-e2e, a unit after multi-user.target) writes
 ``TDXPF-E2E: ...`` markers to the serial console; this test reads them and the console.
 
 One QEMU process, three boots (the -snapshot overlay lives as long as the process):
-1. first: the service starts (READY, watchdog); a TD and a plain VM appear in `status` and the
+1. first: the service starts (READY, watchdog); a TD and a second VM appear in `status` and the
    TD in `systemd-inhibit --list`; `systemctl --check-inhibitors=yes kexec` is refused; the
    kexec-load and kdump-tools units are gated (load and crash phases; the restart keeps the
    armed crash kernel); `kexec -e` by hand is refused with its reason in the journal; then a
    plain `systemctl kexec` runs the shutdown, and systemd-shutdown's final `kexec -e`, through
-   the diversion, is refused (the plain VM survived) and falls back to a cold reboot;
+   the diversion, is refused (the second VM survived) and falls back to a cold reboot;
 2. cold: the refusals are in the first boot's journal; `tdx-preflight exec -- systemctl kexec`
    is allowed (no VM) and the final `kexec -e` too;
 3. kexec: the kernel loaded with tdxpf.second=1 runs, the service with it; power off.
