@@ -95,10 +95,16 @@ def _self_privileged() -> bool:
     /proc/self/status, not through the host root: it is about the reader, and matters only
     for reads of the live host (a fixture's or snapshot's denials are not this process's)."""
     try:
-        with open("/proc/self/status", encoding="utf-8", errors="replace") as f:
-            return privileged(f.read(), os.geteuid())
+        fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        raw = os.read(fd, 1 << 16)  # about 1.5 KiB; one read returns the whole seq_file
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return privileged(raw.decode("utf-8", "replace"), os.geteuid())
 
 
 # -- enumeration ------------------------------------------------------------------
