@@ -34,19 +34,27 @@ def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
 
 
-def copy_source_tree(dst: Path) -> None:
-    """Copy the tree's tracked and new (not git-ignored) files to `dst`, symlinks as links.
+def source_files() -> list[str]:
+    """The tree's tracked and new (not git-ignored) files, as paths relative to it, sorted.
 
     What a clean checkout would hold plus what is not committed yet: never the caches,
     venvs and build products that .gitignore names (the e2e image cache is gigabytes).
+    Files deleted in the working tree are left out.
     """
     files = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO)
     if files.returncode != 0:
         raise BuildFailed(f"git ls-files: {files.stderr}")
-    for name in filter(None, files.stdout.split("\0")):
+    return sorted(
+        name
+        for name in set(filter(None, files.stdout.split("\0")))
+        if (REPO / name).exists() or (REPO / name).is_symlink()
+    )
+
+
+def copy_source_tree(dst: Path) -> None:
+    """Copy `source_files()` to `dst`, symlinks as links."""
+    for name in source_files():
         source = REPO / name
-        if not source.exists() and not source.is_symlink():
-            continue  # deleted in the working tree
         target = dst / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_symlink():

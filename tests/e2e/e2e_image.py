@@ -29,7 +29,7 @@ PROJECT = HERE.parent.parent
 GUEST = HERE / "guest"
 CACHE = Path(os.environ.get("TDXPF_E2E_CACHE", PROJECT / ".cache" / "e2e"))
 sys.path.insert(0, str(PROJECT / "tests"))
-from debbuild import build_deb  # noqa: E402
+from debbuild import build_deb, source_files  # noqa: E402
 
 SUITE = "bookworm"
 MIRRORS = (
@@ -84,22 +84,6 @@ done
 rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
 """.replace("{modules}", " ".join(INITRAMFS_MODULES))
 
-# Project files that go into the package (hashed for the image key).
-PROJECT_EXCLUDE = {
-    ".venv",
-    ".git",
-    ".cache",
-    "tests",
-    "bench",
-    "build",
-    "dist",
-    "__pycache__",
-    ".ruff_cache",
-    ".pytest_cache",
-    ".hypothesis",
-    ".mypy_cache",
-}
-
 
 def log(msg: str) -> None:
     print(f"[e2e-image] {msg}", file=sys.stderr, flush=True)
@@ -118,19 +102,6 @@ def base_key() -> str:
     return _sha(recipe.encode())
 
 
-def _project_files() -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(PROJECT):
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in PROJECT_EXCLUDE and not d.endswith(".egg-info")
-        )
-        for f in sorted(filenames):
-            if f.endswith((".pyc", ".pyo")):
-                continue
-            out.append(Path(dirpath) / f)
-    return out
-
-
 def image_key() -> str:
     parts = [base_key().encode(), Path(__file__).read_bytes()]
     for p in (PROJECT / "tests/kvm_holder.py", PROJECT / "tests/debbuild.py"):
@@ -138,8 +109,12 @@ def image_key() -> str:
     for p in sorted(GUEST.rglob("*")):
         if p.is_file():
             parts += [str(p.relative_to(GUEST)).encode(), p.read_bytes()]
-    for p in _project_files():
-        parts += [str(p.relative_to(PROJECT)).encode(), p.read_bytes()]
+    # What goes into the package: the tree as git sees it, tests and benchmarks aside.
+    for name in source_files():
+        if not name.startswith(("tests/", "bench/")):
+            path = PROJECT / name
+            body = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
+            parts += [name.encode(), body]
     return _sha(*parts)
 
 
