@@ -29,7 +29,8 @@ ORDER: list[tuple[str, tuple[str, ...]]] = [
     # What takes a report or the checks' phases further: output, the gate, snapshots.
     ("renderers and gate", ("render", "metrics", "gate", "kexec_args", "snapshot")),
     ("daemon", ("daemon",)),
-    ("commands", ("cli", "integrations")),
+    # __main__ is the console entry: it turns the cycle collector off and calls cli.main.
+    ("commands", ("cli", "integrations", "__main__")),
 ]
 LAYERS = {name: rank for rank, (_, names) in enumerate(ORDER) for name in names}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -243,8 +244,14 @@ def take_locks(paths: tuple[str, ...]) -> list[int]:
 
 
 def run_daemon(policy: Policy, root: str, config_path: str | None) -> int:
-    """Run the daemon until SIGTERM; the process exit code (1: could not start)."""
+    """Run the daemon until SIGTERM; the process exit code (1: could not start).
+
+    The cycle collector is turned on: the console entry (tdx_preflight.__main__)
+    turns it off for the short-lived commands.
+    """
     from .log import setup_logging
+
+    gc.enable()
 
     setup_logging()
     daemon = Daemon(policy, root, config_path)
