@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -54,6 +53,8 @@ def report_text(report: Report, *, verbose: bool = False, colour: bool = False) 
         if r.remedy:
             lines.append(f"{'':8} {'':{width}}  fix: {r.remedy}")
         if verbose and r.evidence:
+            import json
+
             ev = json.dumps(r.evidence, sort_keys=True, default=str)
             lines.append(f"{'':8} {'':{width}}  evidence: {ev}")
     if verbose:
@@ -79,6 +80,8 @@ def report_text(report: Report, *, verbose: bool = False, colour: bool = False) 
 
 def report_json(report: Report) -> str:
     """Indented for a person at a terminal, compact for a program."""
+    import json  # loaded by the JSON outputs only: a hook's text verdict never needs it
+
     return json.dumps(report.to_json(), indent=2 if sys.stdout.isatty() else None, default=str)
 
 
@@ -137,6 +140,8 @@ def guests_text(
 
 
 def dump_json(data: dict[str, Any]) -> str:
+    import json
+
     return json.dumps(data, indent=2, default=str)
 
 

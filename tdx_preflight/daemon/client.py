@@ -5,7 +5,6 @@ Kept apart from the server so that `check` pays for a socket, not for asyncio.
 
 from __future__ import annotations
 
-import json
 from typing import Any, NamedTuple
 
 from ..facts import Ledger
@@ -33,6 +32,7 @@ def exchange(path: str, obj: dict[str, Any], timeout: float = 5.0) -> Reply | No
     # The C module: the `socket` wrapper builds IntEnums of every constant at import (about
     # 4 ms), and only a request that has a socket to go to pays for loading it.
     import _socket
+    import json
     import struct
     import time
 

@@ -8,7 +8,6 @@ snapshot's redaction (snapshot/redact.py) reduces them through it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -141,6 +140,8 @@ def option_td_evidence(option: str, value: str) -> str | None:
     if option in ("-object", "--object"):
         stripped = value.lstrip()
         if stripped.startswith("{"):
+            import json  # only for this form: most hosts never load it
+
             try:
                 obj = json.loads(stripped)
             except ValueError:
