@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import console_script, run_cli
 from hostbuilder import VmProc, build, qemu_td_cmdline, qemu_vm_cmdline, tdx_host
 
 from tdx_preflight import __version__
@@ -15,6 +17,23 @@ from tdx_preflight.checks import CHECKS
 def test_version() -> None:
     run = run_cli("--version")
     assert run.code == 0 and __version__ in run.stdout
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_allow_that_cannot_be_written_never_exits_0(tmp_path: Path, fmt: str) -> None:
+    """A verdict the reader never got is not an allow: click.echo meets EPIPE and click
+    exits 1, which the process's own ending (cli.main: flush, then os._exit) keeps."""
+    root = build(tmp_path, tdx_host())
+    args = [console_script(), "check", "--root", str(root), "--format", fmt]
+    allowed = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert allowed.returncode == 0 and "allow" in allowed.stdout, allowed.stderr
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the write gets EPIPE (SIGPIPE is ignored)
+    try:
+        gone = subprocess.run(args, stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert gone.returncode == 1, gone.stderr
 
 
 def test_explain_every_check() -> None:
