@@ -300,6 +300,22 @@ def test_json_object_and_cloud_hypervisor_tds(tmp_path: Path) -> None:
     assert kinds == {9001: "td", 9002: "td"}
 
 
+def test_json_object_spelled_with_escapes_is_still_a_td(tmp_path: Path) -> None:
+    """A JSON -object is parsed when it spells tdx-guest or holds an escape: QEMU's JSON
+    parser reads `tdx\\u002dguest` as tdx-guest, and so must the classifier. The plain
+    VM's JSON -objects (libvirt's secret, memory backend, ...) are not TDs: with one TD
+    counted in misc.current and that one identified, it is a vm (had the escaped one been
+    missed, both would be td, fail closed)."""
+    escaped = '{"qom-type":"tdx\\u002dguest","id":"tdx0"}'
+    a = VmProc(pid=9101, cmdline=[*qemu_vm_cmdline("esc"), "-object", escaped], comm="esc")
+    b = VmProc(pid=9102, cmdline=qemu_vm_cmdline("plain"), comm="plain")
+    report, _ = check(tmp_path, tdx_host(processes=[a, b], misc_current={"tdx": 1}))
+    guests = {g["pid"]: g for g in report["guests"]}
+    assert guests[9101]["kind"] == "td"
+    assert any("JSON form" in e for e in guests[9101]["evidence"])
+    assert guests[9102]["kind"] == "vm"
+
+
 def test_unclassifiable_vm_without_root_misc_is_unknown(tmp_path: Path) -> None:
     vm = VmProc(pid=6200, cmdline=["/opt/acme/bin/acme-vmm"], comm="acme-vmm")
     report, st = check(tmp_path, tdx_host(processes=[vm], misc_current=None))

@@ -140,7 +140,11 @@ def option_td_evidence(option: str, value: str) -> str | None:
     if option in ("-object", "--object"):
         stripped = value.lstrip()
         if stripped.startswith("{"):
-            import json  # only for this form: most hosts never load it
+            # Without a backslash, JSON holds its strings verbatim: an object that does not
+            # spell tdx-guest is not one (libvirt passes every -object in this form).
+            if "tdx-guest" not in stripped and "\\" not in stripped:
+                return None
+            import json  # only for a JSON object that may be one
 
             try:
                 obj = json.loads(stripped)
