@@ -9,10 +9,9 @@ months, turns it back on as it starts (cli/daemon.py).
 from __future__ import annotations
 
 import gc
-from typing import NoReturn
 
 
-def main() -> NoReturn:
+def main() -> None:
     """Run the CLI (tdx_preflight.cli.main) with the cycle collector off."""
     gc.disable()
     from .cli import main as cli_main

@@ -22,7 +22,8 @@ def test_version() -> None:
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_an_allow_that_cannot_be_written_never_exits_0(tmp_path: Path, fmt: str) -> None:
     """A verdict the reader never got is not an allow: click.echo meets EPIPE and click
-    exits 1, which the process's own ending (cli.main: flush, then os._exit) keeps."""
+    exits 1, which the CLI's ending (cli.main freezes the objects, then the usual exit)
+    keeps."""
     root = build(tmp_path, tdx_host())
     args = [console_script(), "check", "--root", str(root), "--format", fmt]
     allowed = subprocess.run(args, capture_output=True, text=True, timeout=60)

@@ -11,11 +11,10 @@ from here, is the group with all of them loaded.
 
 from __future__ import annotations
 
-import atexit
+import gc
 import os
 import sys
-import threading
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
@@ -37,15 +36,14 @@ def __getattr__(name: str) -> Any:
 COMPLETE_VAR = "_TDX_PREFLIGHT_COMPLETE"
 
 
-def main() -> NoReturn:
+def main() -> None:
     """Console entry point: never exits 0 on an internal error, nor for having
     printed something other than a verdict when a command was asked for.
 
-    The process ends with os._exit once the command has returned, atexit's
-    handlers have run and stdout and stderr are flushed: tearing down every
-    module and object (a third of a `check`'s time above the interpreter's own
-    start) decides nothing. A flush that fails exits 120, as the interpreter
-    does (Py_Exit). While another thread runs, the exit is the usual one.
+    When the command is done, every object is frozen (gc.freeze): the interpreter's
+    exit runs one last full collection over all of them, which decides nothing and
+    cost a third of a `check`'s time above the interpreter's own start. The exit is
+    otherwise the usual one (atexit, flushing, 120 when a flush fails).
 
     Shell completion runs only when no argument is given (as the shells call it):
     with arguments, the completion variable is ignored and the command runs. The
@@ -54,25 +52,8 @@ def main() -> NoReturn:
     """
     try:
         _main()
-    except SystemExit as exc:
-        code = exc.code
-    else:
-        code = 0
-    if threading.active_count() > 1:
-        sys.exit(code)
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr)  # sys.exit("text"): printed, status 1
-        code = 1
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            code = 120
-    os._exit(code & 0xFF)
+    finally:
+        gc.freeze()
 
 
 def _main() -> None:
