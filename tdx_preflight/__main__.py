@@ -3,7 +3,7 @@
 A command of this CLI lives for a fraction of a second and frees what it reads by
 reference counting; the cycle collector only adds pauses while the modules load
 (about 6 ms of a `check`). It is off from here on; the daemon, which lives for
-months, turns it back on as it starts (cli/daemon.py).
+months, turns it back on as it starts (daemon/service.py run_daemon).
 """
 
 from __future__ import annotations

@@ -140,10 +140,6 @@ class Host:
                     break
                 chunks.append(data)
                 total += len(data)
-                if total == st.st_size:
-                    # All that a real size promised (a tree's file): no read just to see
-                    # EOF. proc files say 0 and sysfs attributes 4096: those read to EOF.
-                    break
             return b"".join(chunks)
         except OSError as exc:
             return problem_from_oserror(self.display(rel), exc)
