@@ -41,8 +41,8 @@ def main() -> None:
     printed something other than a verdict when a command was asked for.
 
     When the command is done, every object is frozen (gc.freeze): the interpreter's
-    exit runs one last full collection over all of them, which decides nothing and
-    cost a third of a `check`'s time above the interpreter's own start. The exit is
+    exit would otherwise run one last full collection over all of them, which decides
+    nothing and cost about 20 ms of a `check` on bench/'s large host. The exit is
     otherwise the usual one (atexit, flushing, 120 when a flush fails).
 
     Shell completion runs only when no argument is given (as the shells call it):
