@@ -152,16 +152,18 @@ def hook(
     its kernel image, whose TDX support is reported (target.kernel). On
     block, one line on stderr says which phase blocks, what, and the fix.
     """
-    from ..kexec_args import gate_phases, parse_kexec_args
-
     refuse_with_quiet("fmt")
     ov = _override(force, reason)
     if phase is None and kexec_args is None:
         raise click.UsageError("hook needs a PHASE, kexec's arguments after --, or both")
-    kexec = parse_kexec_args(kexec_args) if kexec_args is not None else None
-    report, code = _gate_check(
-        root, config_path, gate_phases(phase, kexec), kexec, ov, metrics_file
-    )
+    kexec = None
+    phases: tuple[str, ...] = (phase,) if phase else ()
+    if kexec_args is not None:  # a unit's `hook crash` does not load kexec's table
+        from ..kexec_args import gate_phases, parse_kexec_args
+
+        kexec = parse_kexec_args(kexec_args)
+        phases = gate_phases(phase, kexec)
+    report, code = _gate_check(root, config_path, phases, kexec, ov, metrics_file)
     if report is None:
         _nothing_to_check(fmt)
         sys.exit(0)
