@@ -35,6 +35,8 @@ def _blocked_line(report: Any) -> str:
 
 def _override(force: bool, reason: str | None) -> Any:
     """The operator's override, checked before any work: exit 2 when refused."""
+    if not force and not reason:
+        return None  # no override asked for: gate.py (and pwd) stay unloaded
     from ..gate import OverrideRefused, override
 
     try:
@@ -46,12 +48,12 @@ def _override(force: bool, reason: str | None) -> Any:
 
 def _gate(report: Any, ov: Any) -> int:
     """Apply an override to a blocked report; the exit code the gate gives."""
-    from ..gate import log_override
-
     if report.verdict == "allow":
         return 0
     if ov is None:
         return report.exit_code
+    from ..gate import log_override
+
     report.extra["overridden"] = {"by": ov.by, "reason": ov.reason}
     log_override(ov, report.phase, report.verdict, report.summary)
     if not quiet_asked():
