@@ -35,8 +35,6 @@ def _blocked_line(report: Any) -> str:
 
 def _override(force: bool, reason: str | None) -> Any:
     """The operator's override, checked before any work: exit 2 when refused."""
-    if not force and not reason:
-        return None  # no override asked for: gate.py (and pwd) stay unloaded
     from ..gate import OverrideRefused, override
 
     try:
