@@ -1,7 +1,5 @@
 """HostFacts: the typed snapshot every check reads, and how it is gathered."""
 
-from __future__ import annotations
-
 import os
 from typing import NamedTuple
 

@@ -6,8 +6,6 @@ or passes an argument through one: the hook only reads kexec's arguments, and
 exec replaces itself with the command's argv.
 """
 
-from __future__ import annotations
-
 import os
 import pwd
 from typing import Any, NamedTuple

@@ -26,8 +26,6 @@ This is the only parser of kexec's arguments: the hook, `exec` and the shell
 wrapper (config/kexec-wrapper.sh calls the hook) all read them here.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 from .checks import PHASES as ALL_PHASES  # the order the gate checks and reports them

@@ -10,8 +10,6 @@ path longer than a unix socket address holds, and a `blocking` phase in which
 the check always skips. Nothing is ignored.
 """
 
-from __future__ import annotations
-
 import functools
 import os
 import re

@@ -1,7 +1,5 @@
 """Report: check results, the verdict, exit codes and the schema-1 JSON."""
 
-from __future__ import annotations
-
 import time
 from typing import Any, NamedTuple
 

@@ -160,3 +160,78 @@ def test_an_upward_import_is_caught() -> None:
     assert [m for _, m in found] == ["tdx_preflight.report", "tdx_preflight", "tdx_preflight.host"]
     assert _layer_of("tdx_preflight.report") > LAYERS["readers"]
     assert _layer_of("tdx_preflight") == _layer_of("tdx_preflight.host") == 0
+
+
+def _string_annotated_records(path: Path, source: str | None = None) -> list[str]:
+    """Where a module makes typing.NamedTuple compile annotations (see the test below):
+    a field of a NamedTuple class (`NamedTuple`, `typing.NamedTuple` or an alias of it)
+    or of the functional form whose annotation is, or holds, a string, and every field
+    of such a class in a module with `from __future__ import annotations`."""
+    tree = ast.parse(source if source is not None else path.read_text())
+    future = False
+    aliases = {"NamedTuple"}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            future = future or any(a.name == "annotations" for a in node.names)
+        if isinstance(node, ast.ImportFrom) and node.module == "typing":
+            aliases.update(a.asname or a.name for a in node.names if a.name == "NamedTuple")
+
+    def is_named_tuple(expr: ast.expr) -> bool:
+        if isinstance(expr, ast.Attribute):
+            return expr.attr == "NamedTuple"
+        return isinstance(expr, ast.Name) and expr.id in aliases
+
+    def has_string(expr: ast.expr) -> bool:
+        """A string in the annotation that typing would compile (a Literal's are values)."""
+        if isinstance(expr, ast.Constant):
+            return isinstance(expr.value, str)
+        if isinstance(expr, ast.Subscript):
+            head = expr.value
+            name = head.attr if isinstance(head, ast.Attribute) else getattr(head, "id", "")
+            if name == "Literal":
+                return False
+        return any(has_string(child) for child in ast.iter_child_nodes(expr))
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(map(is_named_tuple, node.bases)):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and (future or has_string(item.annotation)):
+                    found.append(f"{path.name}:{item.lineno} ({node.name})")
+        elif isinstance(node, ast.Call) and is_named_tuple(node.func) and len(node.args) > 1:
+            fields = node.args[1]
+            if isinstance(fields, (ast.List, ast.Tuple)) and any(
+                isinstance(f, ast.Tuple) and len(f.elts) == 2 and has_string(f.elts[1])
+                for f in fields.elts
+            ):
+                found.append(f"{path.name}:{node.lineno} (functional NamedTuple)")
+    return found
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_record_fields_are_not_string_annotations(path: Path) -> None:
+    # typing.NamedTuple turns a string annotation into a ForwardRef by compiling it: with
+    # `from __future__ import annotations` every field is one, and the 34 record classes
+    # a check imports took about 4 ms more (README.md "Performance").
+    assert not _string_annotated_records(path)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from typing import NamedTuple\n\nclass R(NamedTuple):\n    a: 'int'\n",
+        "from typing import NamedTuple\n\nclass R(NamedTuple):\n    a: list['int']\n",
+        "import typing\n\nclass R(typing.NamedTuple):\n    a: 'int'\n",
+        "from typing import NamedTuple as NT\n\nclass R(NT):\n    a: 'int'\n",
+        "from __future__ import annotations\nfrom typing import NamedTuple\n\n"
+        "class R(NamedTuple):\n    a: int\n",
+        "from typing import NamedTuple\n\nR = NamedTuple('R', [('a', 'int')])\n",
+    ],
+)
+def test_a_string_annotated_record_is_caught(source: str) -> None:
+    assert _string_annotated_records(PACKAGE / "r.py", source)
+    plain = (
+        "from typing import Literal, NamedTuple\n\n"
+        "class R(NamedTuple):\n    a: int | None\n    b: Literal['td', 'vm']\n"
+    )
+    assert not _string_annotated_records(PACKAGE / "r.py", plain)

@@ -1,7 +1,5 @@
 """Check objects, their registry, and the result every check returns."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,7 +21,7 @@ class Outcome(NamedTuple):
     #: TDX-use gate replaces the outcome, so the cap still applies).
     cap: str | None = None
 
-    def at_worst_warn(self, why: str) -> Outcome:
+    def at_worst_warn(self, why: str) -> "Outcome":
         """Cap fail/unknown at warn (an advisory phase or host); say why in the summary."""
         if self.status in ("fail", "unknown"):
             return Outcome("warn", f"{self.summary} ({why})", self.evidence, self.remedy, why)

@@ -5,8 +5,6 @@ Pure functions of HostFacts (and the configuration's Settings): the erratum CPU,
 the facts already tell (DESIGN.md, "Remedies") instead of a generic hint.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 from ..facts import HostFacts

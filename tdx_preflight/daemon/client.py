@@ -3,8 +3,6 @@
 Kept apart from the server so that `check` pays for a socket, not for asyncio.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 from ..facts import Ledger

@@ -7,8 +7,6 @@ error reply and the connection is closed; a client that sends nothing within
 the timeout is dropped.
 """
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
 import json

@@ -18,8 +18,6 @@ is treated the same way: raise Overflow; the caller reopens the socket and
 reconciles, so nothing malformed is settled quietly.
 """
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
 import errno

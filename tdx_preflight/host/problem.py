@@ -6,8 +6,6 @@ only part of the host. Callers tell "not there" from "could not read" by
 `Problem.kind`.
 """
 
-from __future__ import annotations
-
 import errno
 import os
 import stat

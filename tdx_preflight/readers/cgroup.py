@@ -4,8 +4,6 @@ Which directory is the misc hierarchy's root, and whether what this process sees
 there is the host's, is DESIGN.md "The host view" and "Reading".
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 from ..host import Host, Problem, parse_uint

@@ -1,7 +1,5 @@
 """/proc/cpuinfo: vendor, family, model, model name, flags and bugs of every CPU."""
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 from ..host import LARGE, Host, Problem, parse_uint

@@ -1,7 +1,5 @@
 """The running kernel: release, command line, config, kallsyms and kexec sysfs."""
 
-from __future__ import annotations
-
 import re
 from typing import NamedTuple
 

@@ -4,8 +4,6 @@ The rules are DESIGN.md's "VM enumeration"; classifying the VMs it finds (TD or
 not) is readers/vmclass.py, whose names this module re-exports for its callers.
 """
 
-from __future__ import annotations
-
 import os
 import re
 from typing import NamedTuple

@@ -4,8 +4,6 @@ Reads go through /dev/cpu/N/msr (or a fixture's sparse file) at offset = MSR
 index. The device is opened read-only; nothing here ever writes an MSR.
 """
 
-from __future__ import annotations
-
 import os
 from typing import NamedTuple
 

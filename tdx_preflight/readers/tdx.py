@@ -1,7 +1,5 @@
 """TDX module state: kvm_intel's tdx parameter, sysfs, and the kernel log."""
 
-from __future__ import annotations
-
 import re
 from typing import NamedTuple
 

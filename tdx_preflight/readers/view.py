@@ -7,8 +7,6 @@ build time (include/linux/proc_ns.h: PROC_PID_INIT_INO 0xEFFFFFFC,
 PROC_CGROUP_INIT_INO 0xEFFFFFFB). An absent link is no evidence either way.
 """
 
-from __future__ import annotations
-
 import re
 from typing import NamedTuple
 

@@ -6,8 +6,6 @@ reader of the foreign formats classification needs: a process's command line
 snapshot's redaction (snapshot/redact.py) reduces them through it.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -202,7 +200,7 @@ class LibvirtDomain(NamedTuple):
     path: str
 
 
-def _status_tree(data: bytes, path: str) -> tuple[Element, Element] | Problem:
+def _status_tree(data: bytes, path: str) -> "tuple[Element, Element] | Problem":
     """The root and <domain> elements of a live status XML: the one parse of it."""
     import xml.etree.ElementTree as ET
 
@@ -304,7 +302,7 @@ class _Draft:
 
     __slots__ = ("evidence", "handle", "name", "proc", "td")
 
-    def __init__(self, handle: VmHandle, proc: Process | None) -> None:
+    def __init__(self, handle: "VmHandle", proc: Process | None) -> None:
         self.handle = handle
         self.proc = proc
         self.evidence = [handle.source]
@@ -323,7 +321,7 @@ def _ancestors(path: str) -> list[str]:
 
 def classify(
     host: Host,
-    enumeration: Enumeration,
+    enumeration: "Enumeration",
     tdx_in_use: str,
     root_tdx: int | Problem,
     misc: MiscRoot | None = None,

@@ -4,8 +4,6 @@ The snapshot replays itself before packing, so its manifest (SNAPSHOT.json) says
 whether, and where, the replay differs from the capture.
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os

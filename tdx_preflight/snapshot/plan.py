@@ -5,8 +5,6 @@ applies it (redaction from redact.py), `Plan.write` writes the tree, and
 `unreadable_reads` lists what the manifest must call unreadable.
 """
 
-from __future__ import annotations
-
 import os
 import re
 import struct
