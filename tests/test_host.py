@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -131,6 +132,29 @@ def test_kallsyms_whole_symbol_across_chunk_boundary(tmp_path: Path) -> None:
         "proc/kallsyms", ["tdx_cpu_flush_cache_for_kexec", "tdx_cpu_flush_cache"]
     )
     assert found == {"tdx_cpu_flush_cache_for_kexec"}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/kallsyms"), reason="kernel without CONFIG_KALLSYMS")
+def test_the_live_kallsyms_scan_agrees_with_a_plain_parse() -> None:
+    """/proc/kallsyms is a seq_file: each read gives at most a page, and the read that
+    fills a chunk asks for less, so a chunk can end inside a line. The scan must name
+    exactly what a plain parse of the same file names, at every chunk boundary."""
+    data = Path("/proc/kallsyms").read_bytes()
+    assert len(data) > CHUNK, "a kallsyms smaller than one chunk tests no boundary"
+    lines = data.splitlines(keepends=True)
+    starts = [0, *itertools.accumulate(map(len, lines))]
+    picked: set[int] = {0, len(starts) - 2}  # the first and the last line
+    line = 0
+    for boundary in range(CHUNK, len(data), CHUNK):
+        while starts[line + 1] <= boundary:
+            line += 1
+        picked.update(range(max(0, line - 2), min(len(starts) - 1, line + 3)))
+    names = {lines[n].split()[2].decode() for n in picked}
+    whole = {fields[2].decode() for fields in map(bytes.split, lines)}
+    prefixes = {n[:-1] for n in names if len(n) > 1} - whole  # never whole symbols
+    wanted = names | prefixes | {"tdx_preflight_no_such_symbol"}
+    found = Host("/").find_symbols("proc/kallsyms", wanted)
+    assert found == names, sorted(found ^ names)[:10]
 
 
 def test_kallsyms_module_symbol_and_no_trailing_newline(tmp_path: Path) -> None:
