@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+# The kallsyms figure runs the package's scanner in this process: this tree's copy.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from hostbuilder import VmProc, build, bzimage, qemu_td_cmdline, qemu_vm_cmdline, tdx_host
 
 #: The fixture's kernel release (hostbuilder.tdx_host's); the image the hook loads carries it.
