@@ -230,6 +230,9 @@ def test_record_fields_are_not_string_annotations(path: Path) -> None:
 )
 def test_a_string_annotated_record_is_caught(source: str) -> None:
     assert _string_annotated_records(PACKAGE / "r.py", source)
+
+
+def test_a_record_of_real_types_and_literals_passes() -> None:
     plain = (
         "from typing import Literal, NamedTuple\n\n"
         "class R(NamedTuple):\n    a: int | None\n    b: Literal['td', 'vm']\n"
