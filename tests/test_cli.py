@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,7 @@ def test_version() -> None:
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_an_allow_that_cannot_be_written_never_exits_0(tmp_path: Path, fmt: str) -> None:
     """A verdict the reader never got is not an allow: click.echo meets EPIPE and click
-    exits 1, which the CLI's ending (cli.main freezes the objects, then the usual exit)
-    keeps."""
+    exits 1, which the CLI's ending (__main__.leave) keeps."""
     root = build(tmp_path, tdx_host())
     args = [console_script(), "check", "--root", str(root), "--format", fmt]
     allowed = subprocess.run(args, capture_output=True, text=True, timeout=60)
@@ -35,6 +35,80 @@ def test_an_allow_that_cannot_be_written_never_exits_0(tmp_path: Path, fmt: str)
     finally:
         os.close(write_end)
     assert gone.returncode == 1, gone.stderr
+
+
+def _leave(
+    body: str, stdout: int = subprocess.PIPE, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A Python process that runs `body`, with __main__.leave imported, and records
+    at teardown: a module-level object whose __del__ prints when the modules are freed.
+    Its stdout is block-buffered (no PYTHONUNBUFFERED), as a command's is into a pipe."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | (env or {})
+    script = (
+        "import atexit, sys, threading, time\n"
+        "from tdx_preflight.__main__ import leave\n"
+        "class Torn:\n"
+        "    def __del__(self):\n"
+        "        sys.__stderr__.write('torn down\\n')\n"
+        "torn = Torn()\n" + body
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+
+
+def test_the_ending_runs_atexit_flushes_and_skips_the_teardown() -> None:
+    """Buffered output and atexit callbacks (a snapshot's tree is removed by one) survive
+    the short ending; only the freeing of the modules is skipped."""
+    done = _leave("atexit.register(print, 'atexit ran')\nsys.stdout.write('buffered ')\nleave(3)")
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered atexit ran\n"
+    assert "torn down" not in done.stderr
+    plain = _leave("sys.exit(3)")  # the interpreter's own exit, for comparison
+    assert plain.returncode == 3 and "torn down" in plain.stderr
+
+
+def test_the_ending_is_the_interpreters_when_a_thread_is_alive() -> None:
+    """Py_FinalizeEx waits for non-daemon threads: so does leave(), by not shortening."""
+    done = _leave(
+        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\nleave(0)"
+    )
+    assert done.returncode == 0 and done.stdout == "thread done\n", done.stderr
+
+
+def test_an_ending_whose_flush_fails_exits_120() -> None:
+    """Output nobody reads (EPIPE; SIGPIPE is ignored) fails the flush: status 120, as the
+    interpreter's exit gives, never the command's 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = _leave("sys.stdout.write('lost')\nleave(0)", stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 120, done.stderr
+    assert "BrokenPipeError" in done.stderr
+
+
+@pytest.mark.parametrize("code", ["'a message'", "300", "-1"])
+def test_an_ending_with_another_code_is_the_interpreters(code: str) -> None:
+    """A SystemExit code that is not a status 0 to 255 ends as sys.exit would end it."""
+    done = _leave(f"leave({code})")
+    plain = _leave(f"sys.exit({code})")
+    assert (done.returncode, done.stderr) == (plain.returncode, plain.stderr)
+    assert "torn down" in done.stderr
+
+
+def test_an_ending_under_pythoninspect_is_the_interpreters() -> None:
+    """PYTHONINSPECT asks for a prompt after the script: the interpreter's exit decides."""
+    env = {"PYTHONINSPECT": "1"}
+    done, plain = _leave("leave(0)", env=env), _leave("sys.exit(0)", env=env)
+    assert done.returncode == plain.returncode != 0, (done.stderr, plain.stderr)
 
 
 def test_explain_every_check() -> None:

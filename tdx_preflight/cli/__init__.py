@@ -42,8 +42,9 @@ def main() -> None:
 
     When the command is done, every object is frozen (gc.freeze): the interpreter's
     exit would otherwise run one last full collection over all of them, which decides
-    nothing and cost about 20 ms of a `check` on bench/'s large host. The exit is
-    otherwise the usual one (atexit, flushing, 120 when a flush fails).
+    nothing and cost about 20 ms of a `check` on bench/'s large host. (The console
+    entry point, __main__.main, then usually ends without that teardown: see
+    __main__.leave.)
 
     Shell completion runs only when no argument is given (as the shells call it):
     with arguments, the completion variable is ignored and the command runs. The
