@@ -167,13 +167,23 @@ def evaluate(facts: HostFacts, phase: str, policy: Policy, started: float | None
     return Report(phase, facts, results, verdict, code, summary, now, duration)
 
 
+def also_blocking(blockers: list[CheckResult]) -> str:
+    """` (also blocking: ID STATUS, ...)` naming the blockers after the first; "" when
+    there are none. (A count alone, after a summary that ends in "and 59 more", would
+    read as one more guest.)"""
+    rest = ", ".join(f"{r.id} {r.status}" for r in blockers[1:])
+    return f" (also blocking: {rest})" if rest else ""
+
+
 def _summary(
     phase: str, verdict: str, blockers: list[CheckResult], results: list[CheckResult]
 ) -> str:
     if verdict == "block":
         first = blockers[0]
-        more = f" (+{len(blockers) - 1} more)" if len(blockers) > 1 else ""
-        return f"kexec blocked ({phase}): {first.id} {first.status}: {first.summary}{more}"
+        return (
+            f"kexec blocked ({phase}): {first.id} {first.status}: {first.summary}"
+            f"{also_blocking(blockers)}"
+        )
     warns = [r.id for r in results if r.status == "warn"]
     tail = f" with {len(warns)} warning{'s' if len(warns) != 1 else ''} ({', '.join(warns)})"
     return f"kexec allowed ({phase})" + (tail if warns else "")

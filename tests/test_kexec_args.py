@@ -153,6 +153,25 @@ def test_hook_adds_its_phase_to_kexecs(roots: dict[str, Path]) -> None:
     assert alone.code == 0 and alone.json()["gate"]["phases"] == ["load"]
 
 
+def test_a_block_names_every_blocker_after_the_first(roots: dict[str, Path]) -> None:
+    """The summary and the hook's line name the other blockers: a bare "(+1 more)" after
+    a guest list that ends in "and 59 more" read as one more guest."""
+    report = run_cli("check", "--root", str(roots["td"]), "--format", "json").json()
+    blocking = [c for c in report["checks"] if c["blocking"]]
+    first, *rest = [c for c in blocking if c["status"] == "fail"] + [
+        c for c in blocking if c["status"] == "unknown"
+    ]
+    assert rest, "the TD host should block on guests.td and guests.teardown"
+    also = "(also blocking: " + ", ".join(f"{c['id']} {c['status']}" for c in rest) + ")"
+    head = f"{first['id']} {first['status']}: {first['summary']}"
+    assert report["summary"] == f"kexec blocked (exec): {head} {also}"
+    run = run_cli("hook", "exec", "--root", str(roots["td"]))
+    assert run.code == 1
+    assert (
+        run.stderr == f"tdx-preflight: kexec exec blocked: {head} {also}; fix: {first['remedy']}\n"
+    )
+
+
 def _unknown_everywhere(tmp_path: Path, crash_size: int) -> Path:
     """kallsyms unreadable on a 6.17 kernel: kernel.cache_flush unknown in every phase."""
     spec = tdx_host(release="6.17.0-1012-intel", kallsyms=None, kexec_crash_size=crash_size)

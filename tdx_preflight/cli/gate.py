@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..checks import PHASES
-from ..report import EXIT_USAGE
+from ..report import EXIT_USAGE, also_blocking
 from .group import cli
 from .options import common, metrics_option, quiet_option
 from .run import quiet_asked, refuse_with_quiet, run_checks, show_report, write_cli_metrics
@@ -25,11 +25,10 @@ def _blocked_line(report: Any) -> str:
     if not blockers:
         return f"tdx-preflight: {report.summary}"
     first = blockers[0]
-    more = f" (+{len(blockers) - 1} more)" if len(blockers) > 1 else ""
     fix = f"; fix: {first.remedy}" if first.remedy else ""
     return (
         f"tdx-preflight: kexec {report.phase} blocked: {first.id} {first.status}: "
-        f"{first.summary}{more}{fix}"
+        f"{first.summary}{also_blocking(blockers)}{fix}"
     )
 
 
