@@ -18,7 +18,8 @@ processes.
 The fixture's kallsyms is a regular file. On a live host /proc/kallsyms is a
 seq_file that the kernel formats a page per read, which costs far more: the
 scan of this machine's /proc/kallsyms is timed too, against a bare loop of the
-same reads (when this process can read it).
+same reads (when this process can read it). So is the live scan of a proc/PID/fd
+directory of 200 descriptors (this process's own), against one readlink per path.
 
     python bench/check_speed.py [--runs 10] [--keep]
 """
@@ -26,6 +27,7 @@ same reads (when this process can read it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -128,6 +130,39 @@ def live_kallsyms(runs: int) -> tuple[float, float, int] | None:
     return statistics.median(scans), statistics.median(reads), size
 
 
+def live_fd_scan(runs: int, descriptors: int = 200) -> tuple[float, float]:
+    """Median seconds of Host("/").readlinks of this process's proc/PID/fd while it holds
+    `descriptors` more descriptors (a QEMU with many vCPUs holds hundreds), and of the
+    same scan by one readlink per path (/proc/PID/fd/N, as the live root once read it)."""
+    from tdx_preflight.host import Host
+
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(descriptors)]
+    rel = f"proc/{os.getpid()}/fd"
+
+    def by_path() -> dict[str, str]:
+        out = {}
+        for name in os.listdir("/" + rel):
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+                out[name] = os.readlink(f"/{rel}/{name}")
+        return out
+
+    try:
+        host = Host("/")
+        scans: list[float] = []
+        paths: list[float] = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            host.readlinks(rel)
+            scans.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            by_path()
+            paths.append(time.perf_counter() - start)
+        return statistics.median(scans), statistics.median(paths)
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
@@ -181,6 +216,11 @@ def main() -> None:
                 f"  {'/proc/kallsyms scan, this machine':<40} {scan * 1000:7.1f} ms   "
                 f"{scan / read:4.2f}x its bare reads ({read * 1000:.1f} ms, {size >> 20} MiB)"
             )
+        scan, by_path = live_fd_scan(max(args.runs, 50))
+        print(
+            f"  {'live proc/PID/fd scan, 200 descriptors':<40} {scan * 1e6:7.0f} us   "
+            f"{scan / by_path:4.2f}x one readlink per path ({by_path * 1e6:.0f} us)"
+        )
         if args.summary:
             summary = {
                 "floor_ms": floor * 1000,
@@ -193,6 +233,8 @@ def main() -> None:
                 "hook_load_ratio": m["hook_load"] / floor,
                 "scaling": t_big / t_small,
             }
+            summary["fd_scan_live_us"] = scan * 1e6
+            summary["fd_scan_live_vs_paths"] = scan / by_path
             if live is not None:
                 summary["kallsyms_live_ms"] = live[0] * 1000
                 summary["kallsyms_live_vs_reads"] = live[0] / live[1]

@@ -235,8 +235,11 @@ class Host:
         """Every entry of directory `rel` with its symlink target, or the Problem of each
         entry that is not one ("malformed": not a symlink; "absent": gone since the
         listing). The directory is opened once: a /proc/PID/fd scan of a large host
-        costs one open per process, not one per descriptor."""
-        if self.live or self.unreadable:
+        costs one open per process, not one per descriptor, and on the live root every
+        link is read from the process the listing came from (a descriptor of a
+        process that exits meanwhile is gone, never one of a process that took its
+        number)."""
+        if self.unreadable:
             names = self.listdir(rel)
             return names if isinstance(names, Problem) else self._each_readlink(rel, names)
         try:
@@ -265,7 +268,7 @@ class Host:
         return out
 
     def _each_readlink(self, rel: str, names: list[str]) -> dict[str, str | Problem]:
-        """readlinks by one readlink per entry (the live root; overlays; recording)."""
+        """readlinks by one readlink per entry (a replay with captured problems; recording)."""
         return {name: self.readlink(f"{rel}/{name}") for name in names}
 
     # -- streamed and device reads ----------------------------------------------
