@@ -153,18 +153,23 @@ def evaluate(facts: HostFacts, phase: str, policy: Policy, started: float | None
                 _blocks(chk.id, out.status, blocking, phase, policy),
             )
         )
-    failed = [r for r in results if r.blocks == "fail"]
-    unknown = [r for r in results if r.blocks == "unknown"]
-    if failed:
-        verdict, code = "block", EXIT_FAIL
-    elif unknown:
-        verdict, code = "block", EXIT_UNKNOWN
+    blocked = blockers(results)
+    if blocked:
+        verdict, code = "block", EXIT_FAIL if blocked[0].blocks == "fail" else EXIT_UNKNOWN
     else:
         verdict, code = "allow", EXIT_ALLOW
-    summary = _summary(phase, verdict, failed + unknown, results)
+    summary = _summary(phase, verdict, blocked, results)
     now = rfc3339_now()
     duration = (time.monotonic() - started) * 1000 if started is not None else 0.0
     return Report(phase, facts, results, verdict, code, summary, now, duration)
+
+
+def blockers(results: list[CheckResult]) -> list[CheckResult]:
+    """The results that block, fails before unknowns (each in check order): the first
+    one sets the exit code (EXIT_FAIL or EXIT_UNKNOWN) and leads every one-line message."""
+    return [r for r in results if r.blocks == "fail"] + [
+        r for r in results if r.blocks == "unknown"
+    ]
 
 
 def also_blocking(blockers: list[CheckResult]) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..checks import PHASES
-from ..report import EXIT_USAGE, also_blocking
+from ..report import EXIT_USAGE, also_blocking, blockers
 from .group import cli
 from .options import common, metrics_option, quiet_option
 from .run import quiet_asked, refuse_with_quiet, run_checks, show_report, write_cli_metrics
@@ -21,14 +21,14 @@ _reason = click.option("--reason", default=None, help="Why the override is neede
 
 def _blocked_line(report: Any) -> str:
     """The one line a wrapper's log shows: what blocks (in which phase), and the fix."""
-    blockers = [r for r in report.results if r.blocks]
-    if not blockers:
+    blocked = blockers(report.results)
+    if not blocked:
         return f"tdx-preflight: {report.summary}"
-    first = blockers[0]
+    first = blocked[0]
     fix = f"; fix: {first.remedy}" if first.remedy else ""
     return (
         f"tdx-preflight: kexec {report.phase} blocked: {first.id} {first.status}: "
-        f"{first.summary}{also_blocking(blockers)}{fix}"
+        f"{first.summary}{also_blocking(blocked)}{fix}"
     )
 
 
