@@ -39,8 +39,8 @@ def leave(code: object) -> NoReturn:
     callbacks run and both streams are flushed, then os._exit ends the process.
     Whenever that could end differently, the interpreter's own exit runs instead: a
     thread besides this one is alive, `code` is not a status 0 to 255 (None counts as
-    0), a flush fails (the interpreter flushes again and reports it), or an inspect
-    mode (-i, PYTHONINSPECT) asks for a prompt after the command.
+    0), a flush fails (the interpreter flushes again and reports it), or -i or
+    PYTHONINSPECT (sys.flags.inspect) asks for a prompt after the command.
     """
     if code is None:
         code = 0
@@ -50,7 +50,6 @@ def leave(code: object) -> NoReturn:
         and 0 <= code <= 255
         and (threading is None or threading.active_count() == 1)
         and not sys.flags.inspect
-        and not os.environ.get("PYTHONINSPECT")
     ):
         atexit._run_exitfuncs()
         try:

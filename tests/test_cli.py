@@ -38,7 +38,10 @@ def test_an_allow_that_cannot_be_written_never_exits_0(tmp_path: Path, fmt: str)
 
 
 def _leave(
-    body: str, stdout: int = subprocess.PIPE, env: dict[str, str] | None = None
+    body: str,
+    stdout: int = subprocess.PIPE,
+    env: dict[str, str] | None = None,
+    flags: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """A Python process that runs `body`, with __main__.leave imported, and records
     at teardown: a module-level object whose __del__ prints when the modules are freed.
@@ -53,7 +56,7 @@ def _leave(
         "torn = Torn()\n" + body
     )
     return subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, *flags, "-c", script],
         stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
@@ -64,12 +67,17 @@ def _leave(
 
 
 def test_the_ending_runs_atexit_flushes_and_skips_the_teardown() -> None:
-    """Buffered output and atexit callbacks (a snapshot's tree is removed by one) survive
-    the short ending; only the freeing of the modules is skipped."""
-    done = _leave("atexit.register(print, 'atexit ran')\nsys.stdout.write('buffered ')\nleave(3)")
+    """Buffered output on both streams and atexit callbacks (a snapshot's tree is removed
+    by one) survive the short ending; only the freeing of the modules is skipped."""
+    done = _leave(
+        "atexit.register(print, 'atexit ran')\n"
+        "sys.stdout.write('buffered ')\n"
+        "sys.stderr.write('a line not ended')\n"
+        "leave(3)"
+    )
     assert done.returncode == 3, done.stderr
     assert done.stdout == "buffered atexit ran\n"
-    assert "torn down" not in done.stderr
+    assert done.stderr == "a line not ended"  # and no "torn down"
     plain = _leave("sys.exit(3)")  # the interpreter's own exit, for comparison
     assert plain.returncode == 3 and "torn down" in plain.stderr
 
@@ -104,11 +112,21 @@ def test_an_ending_with_another_code_is_the_interpreters(code: str) -> None:
     assert "torn down" in done.stderr
 
 
-def test_an_ending_under_pythoninspect_is_the_interpreters() -> None:
-    """PYTHONINSPECT asks for a prompt after the script: the interpreter's exit decides."""
-    env = {"PYTHONINSPECT": "1"}
-    done, plain = _leave("leave(0)", env=env), _leave("sys.exit(0)", env=env)
-    assert done.returncode == plain.returncode != 0, (done.stderr, plain.stderr)
+#: The two ways to ask for a prompt after the script that a SystemExit honours (one the
+#: program sets in os.environ itself is read only when the script ends without one).
+_INSPECT = {"PYTHONINSPECT": ((), {"PYTHONINSPECT": "1"}), "-i": (("-i",), {})}
+
+
+@pytest.mark.parametrize("how", _INSPECT)
+def test_an_ending_that_asks_for_a_prompt_is_the_interpreters(how: str) -> None:
+    """-i or PYTHONINSPECT ask for a prompt after the script: the interpreter's exit
+    decides. It reports the SystemExit instead of exiting, then meets the end of stdin."""
+    flags, env = _INSPECT[how]
+    done = _leave("leave(0)", env=env, flags=flags)
+    plain = _leave("sys.exit(0)", env=env, flags=flags)
+    assert done.returncode == plain.returncode, (done.stderr, plain.stderr)
+    for run in (done, plain):
+        assert "SystemExit: 0" in run.stderr and "torn down" in run.stderr, run.stderr
 
 
 def test_explain_every_check() -> None:
