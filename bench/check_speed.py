@@ -216,10 +216,10 @@ def main() -> None:
                 f"  {'/proc/kallsyms scan, this machine':<40} {scan * 1000:7.1f} ms   "
                 f"{scan / read:4.2f}x its bare reads ({read * 1000:.1f} ms, {size >> 20} MiB)"
             )
-        scan, by_path = live_fd_scan(max(args.runs, 50))
+        fd_scan, fd_by_path = live_fd_scan(max(args.runs, 50))
         print(
-            f"  {'live proc/PID/fd scan, 200 descriptors':<40} {scan * 1e6:7.0f} us   "
-            f"{scan / by_path:4.2f}x one readlink per path ({by_path * 1e6:.0f} us)"
+            f"  {'live proc/PID/fd scan, 200 descriptors':<40} {fd_scan * 1e6:7.0f} us   "
+            f"{fd_scan / fd_by_path:4.2f}x one readlink per path ({fd_by_path * 1e6:.0f} us)"
         )
         if args.summary:
             summary = {
@@ -232,9 +232,9 @@ def main() -> None:
                 "hook_exec_ratio": m["hook_exec"] / floor,
                 "hook_load_ratio": m["hook_load"] / floor,
                 "scaling": t_big / t_small,
+                "fd_scan_live_us": fd_scan * 1e6,
+                "fd_scan_live_vs_paths": fd_scan / fd_by_path,
             }
-            summary["fd_scan_live_us"] = scan * 1e6
-            summary["fd_scan_live_vs_paths"] = scan / by_path
             if live is not None:
                 summary["kallsyms_live_ms"] = live[0] * 1000
                 summary["kallsyms_live_vs_reads"] = live[0] / live[1]

@@ -172,22 +172,22 @@ def blockers(results: list[CheckResult]) -> list[CheckResult]:
     ]
 
 
-def also_blocking(blockers: list[CheckResult]) -> str:
-    """` (also blocking: ID STATUS, ...)` naming the blockers after the first; "" when
-    there are none. (A count alone, after a summary that ends in "and 59 more", would
-    read as one more guest.)"""
-    rest = ", ".join(f"{r.id} {r.status}" for r in blockers[1:])
+def also_blocking(blocked: list[CheckResult]) -> str:
+    """` (also blocking: ID STATUS, ...)` naming the results of `blocked` (as blockers()
+    orders them) after the first; "" when there are none. (A count alone, after a
+    summary that ends in "and 59 more", would read as one more guest.)"""
+    rest = ", ".join(f"{r.id} {r.status}" for r in blocked[1:])
     return f" (also blocking: {rest})" if rest else ""
 
 
 def _summary(
-    phase: str, verdict: str, blockers: list[CheckResult], results: list[CheckResult]
+    phase: str, verdict: str, blocked: list[CheckResult], results: list[CheckResult]
 ) -> str:
     if verdict == "block":
-        first = blockers[0]
+        first = blocked[0]
         return (
             f"kexec blocked ({phase}): {first.id} {first.status}: {first.summary}"
-            f"{also_blocking(blockers)}"
+            f"{also_blocking(blocked)}"
         )
     warns = [r.id for r in results if r.status == "warn"]
     tail = f" with {len(warns)} warning{'s' if len(warns) != 1 else ''} ({', '.join(warns)})"
