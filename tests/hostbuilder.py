@@ -213,6 +213,9 @@ class VmProc:
     # VMs whose kvm-vm fd was closed while their vCPU fds stay open (the VM lives on): no
     # fd/N -> kvm-vm link, but `vcpus` vCPU links each and the debugfs TID-FD directory.
     closed_vm_fds: list[int] = field(default_factory=list)
+    # QEMU 8.1 and later holds a statistics descriptor per vCPU (KVM_GET_STATS_FD):
+    # fd/N -> anon_inode:kvm-vcpu-stats:I after the vCPU links.
+    vcpu_stats: bool = True
     extra_fds: dict[int, str] = field(default_factory=dict)  # more fd links, fd -> target
     start_ticks: int | None = None  # stat field 22; default: about an hour before "now"
 
@@ -1066,6 +1069,10 @@ def _vm_fd_table(vm: VmProc) -> dict[int, str]:
         for i in range(vm.vcpus):
             table[nxt] = f"anon_inode:kvm-vcpu:{i}"
             nxt += 1
+        if vm.vcpu_stats:
+            for i in range(vm.vcpus):
+                table[nxt] = f"anon_inode:kvm-vcpu-stats:{i}"
+                nxt += 1
     table.update(vm.extra_fds)
     return table
 

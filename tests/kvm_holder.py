@@ -9,12 +9,17 @@ remaining ARGS only decorate the command line (e.g. `-object tdx-guest,id=tdx0
 
 Commands on stdin, one per line, each answered with a JSON line:
   close          destroy every VM held                -> {"closed": N}
-  close FD       destroy the VM held by descriptor FD  -> {"closed": 1}
+  close FD       close descriptor FD (a VM's, a vCPU's
+                 or a statistics descriptor)           -> {"closed": 1}
   burst N K      create N VMs as fast as possible,
                  then destroy all but the last K       -> {"created": N, "kept": [fds]}
   vcpus FD N     create N vCPUs (KVM_CREATE_VCPU) on
                  the VM of descriptor FD              -> {"vcpus": [fds]}
   close-vcpus    close every vCPU descriptor held     -> {"closed": N}
+  stats FD       KVM_GET_STATS_FD on the VM or vCPU of
+                 descriptor FD (as QEMU 8.1+ does for
+                 every vCPU): a descriptor that holds
+                 the VM without naming it             -> {"stats": fd}
 End of input exits.
 """
 
@@ -29,6 +34,7 @@ import threading
 
 KVM_CREATE_VM = 0xAE01
 KVM_CREATE_VCPU = 0xAE41  # _IO(KVMIO, 0x41), on a VM fd; the argument is the vCPU id
+KVM_GET_STATS_FD = 0xAECE  # _IO(KVMIO, 0xce), on a VM or vCPU fd (Linux 5.14+)
 
 
 def create(kvm: int, count: int, out: dict[str, object], hold: threading.Event | None) -> None:
@@ -76,9 +82,14 @@ def main(argv: list[str]) -> int:
                 os.close(fd)
             print(json.dumps({"closed": len(vcpus)}), flush=True)
             vcpus = []
+        elif words[:1] == ["stats"]:
+            stats = fcntl.ioctl(int(words[1]), KVM_GET_STATS_FD, 0)
+            print(json.dumps({"stats": stats}), flush=True)
         elif words[:1] == ["close"] and len(words) == 2:
             fd = int(words[1])
-            fds.remove(fd)
+            for held in (fds, vcpus):
+                if fd in held:
+                    held.remove(fd)
             os.close(fd)
             print(json.dumps({"closed": 1}), flush=True)
         elif words[:1] == ["close"]:

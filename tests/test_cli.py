@@ -169,6 +169,7 @@ def test_guests_text_and_json(tmp_path: Path) -> None:
         "complete": True,
         "problem": None,
         "notes": ["/proc read in the 2 processes debugfs names"],
+        "unseen": [],
     }
     assert {(g["pid"], g["kind"], g["name"]) for g in data["guests"]} == {
         (4242, "td", "td1"),

@@ -72,9 +72,9 @@ def test_vm_created_by_a_thread_maps_to_its_process(kvm_holder) -> None:
     assert {g["tid"] for g in listed} <= {h.tid, None}
 
 
-def _guests_without_debugfs() -> list[dict]:
-    """`tdx-preflight guests` on the live root in a mount namespace without debugfs, so
-    the VM can only be found through /proc (tests/daemonproc.py's namespace)."""
+def _without_debugfs() -> dict:
+    """`tdx-preflight guests --format json` on the live root in a mount namespace without
+    debugfs, so VMs can only be found through /proc (tests/daemonproc.py's namespace)."""
     import json
     import subprocess
 
@@ -86,7 +86,11 @@ def _guests_without_debugfs() -> list[dict]:
     assert out.returncode in (0, 3), out.stderr
     data = json.loads(out.stdout)
     assert data["enumeration"]["method"] == "proc", data["enumeration"]
-    return data["guests"]
+    return data
+
+
+def _guests_without_debugfs() -> list[dict]:
+    return _without_debugfs()["guests"]
 
 
 def test_a_vm_whose_fd_closed_lives_on_through_its_vcpus(kvm_holder) -> None:
@@ -103,3 +107,30 @@ def test_a_vm_whose_fd_closed_lives_on_through_its_vcpus(kvm_holder) -> None:
     assert len(listed) == 1
     h.command("close-vcpus")
     assert not _by_pid(_guests_without_debugfs(), h.pid)
+
+
+def test_statistics_descriptors_hold_their_vm_and_name_none(kvm_holder) -> None:
+    """QEMU 8.1 and later keeps a statistics descriptor per vCPU (KVM_GET_STATS_FD:
+    anon_inode:kvm-vcpu-stats:N; kvm-vm-stats for a VM). Beside the VM's own descriptors
+    they add no VM and leave the process read in full. Held alone they keep the VM
+    alive with nothing to name it: the process is unseen (enumeration incomplete),
+    never a process without VMs."""
+    h = kvm_holder(*VM_ARGS)
+    [vm_fd] = h.fds
+    vcpus = h.command(f"vcpus {vm_fd} 2")["vcpus"]
+    stats = [h.command(f"stats {fd}")["stats"] for fd in (*vcpus, vm_fd)]
+    data = _without_debugfs()
+    [g] = _by_pid(data["guests"], h.pid)
+    assert g["vm_fd"] == vm_fd and g["held_by"] == "kvm-vm fd" and g["name"] == "plain-live"
+    assert h.pid not in data["enumeration"]["unseen"], data["enumeration"]
+    for fd in (vm_fd, *vcpus):
+        h.command(f"close {fd}")
+    h.fds = []
+    data = _without_debugfs()
+    assert not _by_pid(data["guests"], h.pid)
+    assert h.pid in data["enumeration"]["unseen"] and not data["enumeration"]["complete"]
+    for fd in stats:
+        h.command(f"close {fd}")
+    data = _without_debugfs()
+    assert not _by_pid(data["guests"], h.pid)
+    assert h.pid not in data["enumeration"]["unseen"], data["enumeration"]

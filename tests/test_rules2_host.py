@@ -372,6 +372,65 @@ def test_more_vms_by_vcpu_index_than_vm_fds(tmp_path: Path) -> None:
     assert "2 plain VMs" in row(report, "guests.vm")["summary"]
 
 
+def _guests(tmp_path: Path, vm: VmProc) -> tuple[int, dict[str, Any]]:
+    """`guests --format json` on a plain host holding `vm`, enumerated through /proc."""
+    root = build(tmp_path / "root", plain_host(processes=[vm], debugfs_kvm=False))
+    run = run_cli("guests", "--root", str(root), "--format", "json")
+    return run.code, run.json()
+
+
+#: Descriptors the kernel names "kvm-..." that hold a VM without naming it
+#: (virt/kvm/kvm_main.c): statistics of a vCPU or a VM, a KVM device (kvm-vfio on x86).
+HOLDING = ["anon_inode:kvm-vcpu-stats:3", "anon_inode:kvm-vm-stats", "anon_inode:kvm-vfio"]
+
+
+@pytest.mark.parametrize("link", HOLDING)
+def test_statistics_and_device_descriptors_beside_a_vm_add_none(tmp_path: Path, link: str) -> None:
+    """QEMU 8.1+ holds a kvm-vcpu-stats descriptor per vCPU (the fixture's default too);
+    these and the others belong to the VM the process holds."""
+    vm = VmProc(pid=5000, cmdline=qemu_vm_cmdline("a"), extra_fds={40: link})
+    code, data = _guests(tmp_path, vm)
+    assert code == 0 and data["enumeration"]["complete"], data["enumeration"]
+    [guest] = data["guests"]
+    assert guest["vm_fd"] == 12 and guest["held_by"] == "kvm-vm fd"
+
+
+@pytest.mark.parametrize("link", HOLDING)
+def test_a_vm_held_only_by_descriptors_that_name_none_leaves_enumeration_incomplete(
+    tmp_path: Path, link: str
+) -> None:
+    """They keep the VM alive, but nothing tells which VM or how many: the process is
+    unseen and guests.vm unknown, never "no VM"."""
+    vm = VmProc(pid=5000, cmdline=qemu_vm_cmdline("a"), vm_fds=[], extra_fds={40: link})
+    code, data = _guests(tmp_path, vm)
+    e = data["enumeration"]
+    assert code == 3 and not e["complete"] and e["unseen"] == [5000] and not data["guests"]
+    assert f"5000: descriptor 40 is {link.removeprefix('anon_inode:')} and none" in e["problem"]
+    spec = plain_host(processes=[vm], debugfs_kvm=False)
+    _, st = check(tmp_path / "check", spec)
+    assert st["guests.vm"] == "unknown"
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        "anon_inode:kvm-vcpu-stats:x",
+        "anon_inode:kvm-vcpu-stats:",
+        "anon_inode:kvm-vm-stats:1",
+        "anon_inode:kvm-vcpu:",
+        "anon_inode:kvm-",
+        "anon_inode:kvm-VFIO",
+        "anon_inode:kvm-vfio ",
+    ],
+)
+def test_a_kvm_descriptor_of_no_kernel_form_is_malformed(tmp_path: Path, link: str) -> None:
+    vm = VmProc(pid=5000, cmdline=qemu_vm_cmdline("a"), extra_fds={40: link})
+    code, data = _guests(tmp_path, vm)
+    e = data["enumeration"]
+    assert code == 3 and e["unseen"] == [5000] and not data["guests"], e
+    assert f"unexpected {link!r}" in e["problem"]
+
+
 # -- guests.td / guests.teardown ---------------------------------------------------------
 
 LEAK = "kvm_intel: TDH_PHYMEM_PAGE_WBINVD failed. HKID 5 is leaked."

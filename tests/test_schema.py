@@ -84,7 +84,13 @@ def test_a_wrong_status_and_guests_fail_validation() -> None:
     assert schema_errors("status", {"daemon_pid": 1, "verdict": "allow", "exit_code": 0})
     guests = {
         "schema": 1,
-        "enumeration": {"method": "proc", "complete": True, "problem": None, "notes": []},
+        "enumeration": {
+            "method": "proc",
+            "complete": True,
+            "problem": None,
+            "notes": [],
+            "unseen": [],
+        },
         "tdx_in_use": "yes",
         "root_misc_current_tdx": 0,
         "guests": [],
@@ -93,6 +99,10 @@ def test_a_wrong_status_and_guests_fail_validation() -> None:
     assert schema_errors("guests", guests) == []
     assert schema_errors("guests", {**guests, "tdx_in_use": "maybe"})
     assert schema_errors("guests", {**guests, "enumeration": {"method": "ps"}})
+    unseen_not_pids = {"method": "proc", "complete": False, "problem": "x", "notes": []}
+    assert schema_errors("guests", {**guests, "enumeration": unseen_not_pids})  # no unseen
+    unseen_not_pids["unseen"] = ["4242"]
+    assert schema_errors("guests", {**guests, "enumeration": unseen_not_pids})
 
 
 def test_the_schema_command_prints_the_shipped_files() -> None:

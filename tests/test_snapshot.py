@@ -123,6 +123,25 @@ SCENARIOS: dict[str, Scenario] = {
         {4242},
         ("images/t.qcow2",),
     ),
+    # A VM kept alive by a vCPU statistics descriptor alone (its kvm-vm and vCPU fds
+    # closed): the /proc scan cannot name it, so enumeration is incomplete at capture,
+    # and must be on replay.
+    "stats_held": Scenario(
+        lambda: tdx_host(
+            debugfs_kvm=False,
+            other_processes=20,
+            processes=[
+                VmProc(
+                    pid=5000,
+                    cmdline=qemu_vm_cmdline("s"),
+                    vm_fds=[],
+                    extra_fds={40: "anon_inode:kvm-vcpu-stats:0"},
+                )
+            ],
+        ),
+        {5000},
+        ("images/s.qcow2",),
+    ),
 }
 
 
@@ -260,8 +279,8 @@ def test_tree_holds_only_vm_holders_proc_entries(captured: Results, name: str) -
     for pid in in_tree:
         fd = c.tree / "proc" / str(pid) / "fd"
         # Only KVM descriptors are kept; other links name files the checks never read.
-        kvm_links = ("anon_inode:kvm-vm", "anon_inode:kvm-vcpu:")
-        assert all(os.readlink(link).startswith(kvm_links) for link in fd.glob("*"))
+        links = [os.readlink(link) for link in fd.glob("*")]
+        assert all(t.startswith("anon_inode:kvm-") for t in links), links
 
 
 def test_fillers_scanned_through_proc_are_dropped(captured: Results) -> None:
@@ -270,7 +289,7 @@ def test_fillers_scanned_through_proc_are_dropped(captured: Results) -> None:
     assert vm["evidence"]["vm_enumeration"] == "proc"  # every filler's fd directory was read
     assert c.manifest["omitted"]["processes_without_vms"] == FILLERS
     fds = sorted(p.name for p in (c.tree / "proc/5000/fd").iterdir())
-    assert fds == ["12", "13", "14"]  # the VM and its two vCPUs
+    assert fds == ["12", "13", "14", "15", "16"]  # the VM, its two vCPUs and their stats
 
 
 @pytest.mark.parametrize("name", ["qemu_td", "fillers"])
@@ -349,6 +368,8 @@ def test_archive_members_are_root_owned_and_relative(captured: Results) -> None:
         ("proc/4242/fd/12", "anon_inode:kvm-vm"),
         ("proc/4242/fd/13", "anon_inode:kvm-vcpu:0"),
         ("proc/4242/fd/14", "anon_inode:kvm-vcpu:1"),
+        ("proc/4242/fd/15", "anon_inode:kvm-vcpu-stats:0"),
+        ("proc/4242/fd/16", "anon_inode:kvm-vcpu-stats:1"),
     }
 
 

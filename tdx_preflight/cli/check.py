@@ -90,6 +90,7 @@ def guests(root: str | None, config_path: str | None, fmt: str, verbose: bool) -
                         "complete": e.complete,
                         "problem": str(e.problem) if e.problem else None,
                         "notes": list(e.notes),
+                        "unseen": None if e.unseen is None else sorted(e.unseen),
                     },
                     "tdx_in_use": facts.tdx_use.state,
                     "root_misc_current_tdx": cur if isinstance(cur, int) else None,

@@ -26,8 +26,18 @@ from .vmclass import (  # noqa: F401  (re-exported: classification used to live 
 )
 
 DEBUGFS_KVM = "sys/kernel/debug/kvm"
+#: What every KVM descriptor's link starts with (virt/kvm/kvm_main.c names its anon inodes
+#: "kvm-..."): a /proc/PID/fd link that starts so is one of the forms below or malformed.
+KVM_LINK_PREFIX = "anon_inode:kvm-"
 KVM_VM_LINK = "anon_inode:kvm-vm"
 KVM_VCPU_LINK = "anon_inode:kvm-vcpu:"
+#: Descriptors that keep a VM alive (each takes a reference on it) without naming it:
+#: statistics of a vCPU (KVM_GET_STATS_FD on a vCPU; QEMU 8.1 and later holds one per
+#: vCPU) or of a VM, and KVM devices (KVM_CREATE_DEVICE, named after kvm_device_ops:
+#: kvm-vfio on x86, kvm-arm-vgic-v3 and the like elsewhere).
+KVM_VCPU_STATS_LINK = "anon_inode:kvm-vcpu-stats:"
+KVM_VM_STATS_LINK = "anon_inode:kvm-vm-stats"
+_KVM_DEVICE_LINK = re.compile(r"anon_inode:kvm-(?!vm\b|vcpu\b)[a-z0-9]+(?:-[a-z0-9]+)*")
 _DEBUGFS_ENTRY = re.compile(r"(\d{1,10})-(\d{1,10})")
 
 
@@ -161,10 +171,12 @@ def tgid_of(host: Host, tid: int) -> int | Problem:
 
 
 class KvmFds(NamedTuple):
-    """A process's KVM descriptors: kvm-vm fds, and vCPU fds by vCPU index."""
+    """A process's KVM descriptors: kvm-vm fds, vCPU fds by vCPU index, and the
+    descriptors that hold a VM without naming it ((fd, link), statistics and devices)."""
 
     vm: frozenset[int]
     vcpus: dict[int, list[int]]
+    holding: tuple[tuple[int, str], ...] = ()
 
     def vcpu_only_vms(self) -> list[int]:
         """A vCPU descriptor standing for each VM held by vCPUs alone.
@@ -188,7 +200,8 @@ def kvm_fds(host: Host, pid: int) -> KvmFds | Problem:
     Problem kind "absent" only when the process has gone (proc/PID no longer
     exists); any other kind means the descriptors could not be listed or read
     (permission, I/O, an fd entry that is not a directory while the process
-    lives, a descriptor that is not a symlink, a kvm link that does not parse).
+    lives, a descriptor that is not a symlink, a kvm link that does not parse:
+    one that starts with KVM_LINK_PREFIX and is none of the kernel's forms above).
     """
     rel = f"proc/{pid}/fd"
     fds = host.readlinks(rel)
@@ -200,27 +213,36 @@ def kvm_fds(host: Host, pid: int) -> KvmFds | Problem:
         return fds
     vm: set[int] = set()
     vcpus: dict[int, list[int]] = {}
+    holding: list[tuple[int, str]] = []
     for fd, link in fds.items():
         if isinstance(link, Problem):
             if link.kind == "absent":
                 continue  # closed since the listing
             # Not a symlink, or unreadable: this descriptor could hold a VM.
             return Problem(link.kind, link.path, f"descriptor {fd!r}: {link.detail}")
-        if not link.startswith("anon_inode:kvm-"):
+        if not link.startswith(KVM_LINK_PREFIX):
             continue
         n = parse_uint(fd, 10)
-        index = parse_uint(link[len(KVM_VCPU_LINK) :], 10) if link != KVM_VM_LINK else 0
-        if (
-            n is None
-            or index is None
-            or not (link == KVM_VM_LINK or link.startswith(KVM_VCPU_LINK))
-        ):
-            return Problem("malformed", host.display(f"{rel}/{fd}"), f"unexpected {link!r}")
-        if link == KVM_VM_LINK:
+        if n is not None and link == KVM_VM_LINK:
             vm.add(n)
-        else:
-            vcpus.setdefault(index, []).append(n)
-    return KvmFds(frozenset(vm), vcpus)
+            continue
+        if n is not None and link.startswith(KVM_VCPU_LINK):
+            index = parse_uint(link[len(KVM_VCPU_LINK) :], 10)
+            if index is not None:
+                vcpus.setdefault(index, []).append(n)
+                continue
+        elif n is not None and (
+            link == KVM_VM_STATS_LINK
+            or (
+                link.startswith(KVM_VCPU_STATS_LINK)
+                and parse_uint(link[len(KVM_VCPU_STATS_LINK) :], 10) is not None
+            )
+            or _KVM_DEVICE_LINK.fullmatch(link)
+        ):
+            holding.append((n, link))
+            continue
+        return Problem("malformed", host.display(f"{rel}/{fd}"), f"unexpected {link!r}")
+    return KvmFds(frozenset(vm), vcpus, tuple(sorted(holding)))
 
 
 def vm_fds(host: Host, pid: int) -> frozenset[int] | Problem:
@@ -278,6 +300,16 @@ def _from_proc(
             if fds.kind != "absent":  # absent: the process exited meanwhile
                 failed.append((pid, fds))
             continue
+        if fds.holding and not fds.vm and not fds.vcpus:
+            # Statistics or device descriptors alone: a VM lives (they hold it) that no
+            # descriptor here names, nor tells how many.
+            n, link = fds.holding[0]
+            why = (
+                f"descriptor {n} is {link.removeprefix('anon_inode:')} and none is kvm-vm or "
+                "a vCPU: a VM lives that no descriptor names"
+            )
+            failed.append((pid, Problem("partial", host.display(f"proc/{pid}/fd/{n}"), why)))
+            continue
         vms.extend(
             VmHandle(None, n, pid, f"/proc/{pid}/fd/{n} -> {KVM_VM_LINK}") for n in sorted(fds.vm)
         )
@@ -301,8 +333,8 @@ def _from_proc(
         problem = Problem(
             first.kind,
             host.display("proc/PID/fd"),
-            f"cannot list the file descriptors of {plural(len(failed), 'process', 'processes')} "
-            f"(e.g. {pid}: {first.detail}){need}",
+            f"cannot read the VMs of {plural(len(failed), 'process', 'processes')} from their "
+            f"descriptors (e.g. {pid}: {first.detail}){need}",
         )
     return Enumeration(
         "proc",

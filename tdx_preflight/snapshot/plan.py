@@ -103,7 +103,7 @@ def vm_holders(rec: RecordingHost, facts: HostFacts) -> set[int]:
     held |= {v.tid for v in facts.enumeration.vms if v.tid is not None}
     for rel, target in rec.links.items():
         pid = _proc_pid(rel)
-        if pid is not None and target == kvm.KVM_VM_LINK:
+        if pid is not None and target.startswith(kvm.KVM_LINK_PREFIX):
             held.add(pid)
     return held
 
@@ -262,9 +262,7 @@ def plan_tree(rec: RecordingHost, facts: HostFacts, keep_cmdlines: bool) -> tupl
     for rel, target in rec.links.items():
         if not wanted(rel):
             continue
-        if _PROC_FD.fullmatch(rel) and not target.startswith(
-            ("anon_inode:kvm-vm", "anon_inode:kvm-vcpu:")
-        ):
+        if _PROC_FD.fullmatch(rel) and not target.startswith(kvm.KVM_LINK_PREFIX):
             dropped_links += 1  # other descriptors name files and sockets the checks ignore
         elif target.startswith("/") or ".." in target.split("/"):
             notes.append(f"{rel} -> {target}: not written (a link out of the tree)")
