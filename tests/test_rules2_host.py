@@ -447,6 +447,16 @@ def test_a_leaked_hkid_without_vms_fails_teardown_only(tmp_path: Path) -> None:
     assert report["exit_code"] == 1
 
 
+def test_a_leak_line_written_from_userspace_is_not_the_kernels(tmp_path: Path) -> None:
+    """prio 14 is facility 1 (LOG_USER): devkmsg_write never gives a writer facility 0, so
+    such a record cannot be the kernel's, whatever it says."""
+    spec = tdx_host(misc_current={"tdx": 1})
+    spec.kmsg = [*(spec.kmsg or []), (14, LEAK)]
+    report, st = check(tmp_path, spec)
+    assert st["guests.td"] == "fail"
+    assert "leaked_hkids" not in row(report, "guests.teardown")["evidence"]
+
+
 def test_fewer_leaked_hkids_than_the_count_still_fails_guests_td(tmp_path: Path) -> None:
     spec = tdx_host(misc_current={"tdx": 2})
     spec.kmsg = [*(spec.kmsg or []), (3, LEAK), (3, LEAK)]  # one HKID, named twice

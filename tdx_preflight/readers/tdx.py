@@ -185,7 +185,8 @@ class _LogState:
 
 
 def parse_kmsg(records: list[bytes], path: str = "dev/kmsg") -> TdxLog | Problem:
-    """Pick the TDX lines from kmsg records (`prio,seq,usec,flags;text`).
+    """Pick the TDX lines from kmsg records (`prio,seq,usec,flags;text`): the kernel's only
+    (facility 0, the prio field below 8).
 
     Every spelling of KERNEL-FACTS.md "TDX module state" is accepted: 6.8 to 7.0 `module
     initialized`, 7.1+ `TDX-Module initialized`, their `initialization failed (N)` forms
@@ -207,6 +208,11 @@ def parse_kmsg(records: list[bytes], path: str = "dev/kmsg") -> TdxLog | Problem
         if not m:
             continue
         parsed += 1
+        if int(m.group(1)) >> 3:
+            # Facility above 0: a record written to /dev/kmsg from userspace (the kernel
+            # gives those LOG_USER or the writer's facility, never 0: printk.c
+            # devkmsg_write), which can say anything, our own refusal lines included.
+            continue
         text = m.group(4).decode("utf-8", errors="replace").rstrip("\n")
         if _KEXEC_REFUSED in text:
             refused = True
