@@ -60,11 +60,14 @@ class TdxModule(NamedTuple):
     log: the platform has no TDX) or "unknown". `version` as the source printed it:
     X.Y.ZZ (tdx_host/version, 7.1+ log), X.Y.ZZ.WW (6.14 -intel log) or X.Y (old sysfs,
     6.8 -intel log); tdx.version_key gives the form a configured list is compared with.
+    `version_from` names its source (a key of `sources`): "kernel log" means the module
+    that booted, which a runtime update (7.2+) replaces without a new line.
     """
 
     state: str
     version: str | None
     sources: dict[str, str]
+    version_from: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return {"state": self.state, "version": self.version, "sources": self.sources}
@@ -214,17 +217,19 @@ def module_state(
     sources: dict[str, str] = {}
     state = "unknown"
     ver: str | None = None
+    ver_from: str | None = None
     from_log: str | None = None  # the log's word when it is not "initialized"
     if isinstance(version, str):
         sources["tdx_host version"] = version
-        state, ver = "initialized", version
+        state, ver, ver_from = "initialized", version, "tdx_host version"
     elif version.kind != "absent":
         sources["tdx_host version"] = f"unreadable: {version}"
     if isinstance(firmware, tdx.FirmwareTdx):
         sources["firmware tdx_module status"] = firmware.status
         if firmware.status == "initialized":
             state = "initialized"
-            ver = ver or firmware.version
+            if ver is None and firmware.version:
+                ver, ver_from = firmware.version, "firmware tdx_module status"
     elif firmware.kind != "absent":
         sources["firmware tdx_module status"] = f"unreadable: {firmware}"
     if isinstance(log, tdx.TdxLog):
@@ -234,7 +239,8 @@ def module_state(
                 state = "initialized"
             else:
                 from_log = log.state
-        ver = ver or log.version
+        if ver is None and log.version:
+            ver, ver_from = log.version, "kernel log"
     elif log.kind != "absent":
         sources["kernel log"] = f"unreadable: {log}"
     if kvm_param is True:
@@ -251,7 +257,7 @@ def module_state(
         and firmware.status in ("none", "loaded", "shutdown")
     ):
         state = "not initialized"
-    return TdxModule(state, ver, sources)
+    return TdxModule(state, ver, sources, ver_from)
 
 
 def gather(

@@ -88,6 +88,26 @@ def test_emerald_rapids_7_2_with_its_module_listed_is_allowed(tmp_path: Path, ph
     }
 
 
+@pytest.mark.parametrize("phase", ["exec", "crash"])
+def test_a_version_only_the_boot_log_names_never_vouches(tmp_path: Path, phase: str) -> None:
+    """Without tdx_host (unloaded after a runtime update, say) only the boot log names a
+    version: the module that booted, which an update (7.2+) replaces without a log line."""
+    cfg = config(tmp_path, "1.5.08")
+    unloaded = emerald_rapids_7_2(tdx_host_version=None, tdx_host_attrs={}, fw_upload=None)
+    report, st = check(tmp_path, unloaded, phase, "--config", cfg)
+    assert (report["verdict"], report["exit_code"]) == ("block", 3)
+    assert st["tdx.module_update"] == "pass"  # no update device: tdx_host is not loaded
+    erratum = of(report, "errata.tdx_pw_mce")
+    assert erratum["status"] == "unknown" and "1.5.08 (the boot log's version" in erratum["summary"]
+    assert (
+        "modprobe tdx_host" in erratum["remedy"]
+        and "sys_disable_vouched_by" not in erratum["evidence"]
+    )
+    assert report["sys_disable_vouched"] is None
+    if phase == "exec":
+        assert st["postkexec.tdx"] == "unknown"
+
+
 def test_text_output_says_which_passes_rest_on_the_list(tmp_path: Path) -> None:
     cfg = config(tmp_path, "1.5.08")
     root = build(tmp_path / "root", emerald_rapids_7_2())

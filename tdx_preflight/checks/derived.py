@@ -72,10 +72,27 @@ def module_version(facts: HostFacts) -> str | None:
     return tdx.version_key(facts.module.version)
 
 
+def shown_version(facts: HostFacts) -> str:
+    """The module's version for a summary, saying when only the boot log names it."""
+    mod = facts.module
+    if mod.version is None:
+        return "of unknown version"
+    if mod.version_from == "kernel log":
+        return f"{mod.version} (the boot log's version; a runtime update would not show there)"
+    return mod.version
+
+
 def vouched_evidence(facts: HostFacts, settings: Settings) -> dict[str, str] | None:
-    """Evidence that the operator vouches for the module's TDH.SYS.DISABLE; None if not."""
+    """Evidence that the operator vouches for the module's TDH.SYS.DISABLE; None if not.
+
+    A version read from the kernel log never vouches: it is the module that booted, and
+    on the kernels that run TDH.SYS.DISABLE (7.2+) a runtime update replaces the module
+    without a new log line; only sysfs (tdx_host/version) names the running one.
+    """
     version = module_version(facts)
     if version is None or version not in settings.sys_disable_module_versions:
+        return None
+    if facts.module.version_from == "kernel log":
         return None
     return {"module_version": version, "sys_disable_vouched_by": f"config {settings.config_file}"}
 
@@ -88,6 +105,14 @@ def vouch_remedy(facts: HostFacts, settings: Settings) -> str:
         return (
             f"The TDX module's X.Y.ZZ version is not known here (read: {shown}): make "
             "sys/devices/faux/tdx_host/version readable (run as root) so it can be named."
+        )
+    if facts.module.version_from == "kernel log":
+        return (
+            f"TDX module {version} is the version the boot log names; a runtime module update "
+            "replaces it without a log line. Load tdx_host (modprobe tdx_host) so "
+            "/sys/devices/faux/tdx_host/version names the running module, then vouch for that "
+            f"version in sys_disable_module_versions ({settings.config_file}) if it implements "
+            "TDH.SYS.DISABLE."
         )
     return (
         f"If TDX module {version} implements TDH.SYS.DISABLE (ask the platform vendor), add "

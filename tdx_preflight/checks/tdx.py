@@ -222,7 +222,7 @@ def errata_tdx_pw_mce(facts: HostFacts, phase: str, settings: Settings) -> Outco
                 f"{vouched} is listed in sys_disable_module_versions ({settings.config_file})",
                 evidence,
             )
-        version = facts.module.version or "of unknown version"
+        version = derived.shown_version(facts)
         return Outcome(
             "unknown",
             f"{what}: the kernel runs TDH.SYS.DISABLE at kexec ({has.how}); userspace cannot tell "
@@ -318,7 +318,7 @@ def postkexec_tdx(facts: HostFacts, phase: str, settings: Settings) -> Outcome:
             "sys_disable_module_versions: the new kernel can bring TDX up again",
             evidence,
         )
-    version = mod.version or "of unknown version"
+    version = derived.shown_version(facts)
     return Outcome(
         "unknown",
         "the new kernel can bring TDX up again only if TDX module "
