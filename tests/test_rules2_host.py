@@ -226,6 +226,27 @@ def test_bios_keyids_unused_without_kvm_intel_tdx_on_the_command_line(tmp_path: 
     )
 
 
+def test_bios_keyids_unused_because_the_7_1_boot_bring_up_failed(tmp_path: Path) -> None:
+    """7.1+ brings TDX up at boot, whatever the command line: tdx_init's reason, then the
+    boot's "TDX not supported by the host platform" (the flag was left unset). The reason
+    is what the operator needs, not the command line."""
+    spec = plain_host(
+        release="7.1.3-1-amd64",
+        msrs=dict(TDX_MSRS),
+        config={"CONFIG_INTEL_TDX_HOST": "y"},
+        kmsg=[
+            "Linux version 7.1.3-1-amd64",
+            "virt/tdx: initialization failed: Hibernation support is enabled",
+            "virt/tdx: TDX not supported by the host platform",
+        ],
+    )
+    report, st = check(tmp_path, spec)
+    tdx = row(report, "platform.tdx")
+    assert st["platform.tdx"] == "warn"
+    assert "log says why TDX is not up: virt/tdx: initialization failed: Hib" in tdx["summary"]
+    assert "command line" not in tdx["summary"]
+
+
 def test_platform_tdx_passes_on_a_consistent_tdx_host(tmp_path: Path) -> None:
     report, st = check(tmp_path, tdx_host())
     assert (

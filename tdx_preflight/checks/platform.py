@@ -107,14 +107,15 @@ def _not_used_because(facts: HostFacts) -> tuple[str, str]:
         "n",
     ):
         why = f"the kernel config ({config.source}) lacks INTEL_TDX_HOST"
+    elif facts.module.state in ("failed", "not loaded", "not supported") and said:
+        # The kernel tried and said why (7.1+ tries at boot, whatever the command line).
+        why = f"the kernel log says why TDX is not up: {said}"
     elif isinstance(given, Problem):
         why = f"what the kernel command line sets kvm_intel.tdx to is unknown ({given})"
     elif given is None:
         why = "kvm_intel.tdx=1 is not on the kernel command line"
     elif given is False:
         why = "the kernel command line turns kvm_intel.tdx off"
-    elif facts.module.state == "failed" and said:
-        why = f"the kernel command line enables kvm_intel.tdx but the TDX module failed: {said}"
     else:
         why = "the kernel command line enables kvm_intel.tdx but no source reports TDX up"
     return why, derived.enable_tdx_remedy(facts)
