@@ -73,7 +73,7 @@ from tdx_preflight.checks import CHECKS  # noqa: E402
 from tdx_preflight.facts import gather  # noqa: E402
 from tdx_preflight.host import Host, Problem  # noqa: E402
 from tdx_preflight.policy import Policy, parse  # noqa: E402
-from tdx_preflight.readers import cgroup, cpuinfo, kernel, kvm, tdx, view  # noqa: E402
+from tdx_preflight.readers import cgroup, cpuinfo, kernel, kvm, tdx, view, vmclass  # noqa: E402
 from tdx_preflight.report import evaluate  # noqa: E402
 
 PHASES = ("load", "exec", "crash")
@@ -182,7 +182,7 @@ COLUMN = {base: "td" if base.startswith("td") else "idle" for base in BASES}
 
 def _proc_part(rel: str, attr: str) -> Callable[[Host], Any]:
     def read(host: Host) -> Any:
-        p = kvm.read_process(host, TD_PID)
+        p = vmclass.read_process(host, TD_PID)
         for prob in p.problems:
             if prob.path == host.display(rel):
                 return prob
@@ -199,7 +199,7 @@ def _config_gz(host: Host) -> Any:
 
 
 def _libvirt(host: Host) -> Any:
-    domains, problems = kvm.read_libvirt(host)
+    domains, problems = vmclass.read_libvirt(host)
     if problems:
         return problems[0]
     return domains.get(TD_PID) or Problem("absent", "run/libvirt/qemu/td1.xml", "no domain")

@@ -48,6 +48,15 @@ def test_a_destroy_that_names_no_gone_descriptor_removes_nothing() -> None:
     assert live(ledger) == [(None, PID, 4), (None, PID, 5)]
 
 
+def test_a_destroy_that_two_gone_descriptors_could_explain_removes_nothing() -> None:
+    """VM 4's kvm-vm descriptor closed earlier, but its vCPU or statistics descriptors
+    (QEMU 8.1+ holds kvm-vcpu-stats per vCPU) keep it alive; VM 5 is the one destroyed.
+    Both numbers are gone from the process: taking the first would drop a live VM."""
+    ledger = found_by_proc(4, 5, 6)
+    assert ledger.event_destroy(PID, PID, None, count=2, fds_of=fds_now(6)) is None
+    assert live(ledger) == [(None, PID, 4), (None, PID, 5), (None, PID, 6)]
+
+
 def test_a_destroy_already_applied_by_a_reconcile_removes_nothing() -> None:
     ledger = found_by_proc(4)
     # The kernel counts 1 VM after this destroy; the ledger already holds only 1.
@@ -156,7 +165,7 @@ def test_a_destroy_without_descriptor_never_takes_a_vcpu_held_vm() -> None:
 
 
 def test_classification_reaches_a_vcpu_held_vm() -> None:
-    from tdx_preflight.readers.kvm import Guest
+    from tdx_preflight.readers.vmclass import Guest
 
     ledger = VmLedger()
     ledger.reconcile([vcpu_handle(9)], "proc")

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tdx_preflight.host import Host, Problem
-from tdx_preflight.readers import cgroup, cpuinfo, kernel, kvm, tdx
+from tdx_preflight.readers import cgroup, cpuinfo, kernel, kvm, tdx, vmclass
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 raw = st.binary(max_size=4096)
@@ -88,16 +88,17 @@ def test_config(blob: bytes) -> None:
 @FUZZ
 @given(data, st.one_of(st.none(), st.integers(0, 1 << 22)))
 def test_libvirt_xml(blob: bytes, pid: int | None) -> None:
-    _ok(kvm.parse_libvirt_status(blob, "x.xml", pid), kvm.LibvirtDomain)
+    _ok(vmclass.parse_libvirt_status(blob, "x.xml", pid), vmclass.LibvirtDomain)
 
 
 @FUZZ
 @given(data)
 def test_cmdline(blob: bytes) -> None:
-    args = kvm.parse_cmdline(blob)
+    args = vmclass.parse_cmdline(blob)
     assert isinstance(args, tuple)
-    assert kvm.cmdline_td_evidence(args) is None or "command line" in kvm.cmdline_td_evidence(args)
-    name = kvm.qemu_name(args)
+    evidence = vmclass.cmdline_td_evidence(args)
+    assert evidence is None or "command line" in evidence
+    name = vmclass.qemu_name(args)
     assert name is None or isinstance(name, str)
 
 

@@ -247,6 +247,28 @@ def test_bios_keyids_unused_because_the_7_1_boot_bring_up_failed(tmp_path: Path)
     assert "command line" not in tdx["summary"]
 
 
+@pytest.mark.parametrize(
+    ("first", "state"),
+    [
+        ("virt/tdx: module not loaded", "not loaded"),
+        ("virt/tdx: TDX-Module initialization failed (-5)", "failed"),
+    ],
+)
+def test_not_supported_after_a_failure_keeps_the_failure(
+    tmp_path: Path, first: str, state: str
+) -> None:
+    spec = plain_host(
+        release="7.1.3-1-amd64",
+        kmsg=[
+            "Linux version 7.1.3-1-amd64",
+            first,
+            "virt/tdx: TDX not supported by the host platform",
+        ],
+    )
+    report, _ = check(tmp_path, spec)
+    assert report["host"]["tdx_module"]["state"] == state, report["host"]["tdx_module"]
+
+
 def test_platform_tdx_passes_on_a_consistent_tdx_host(tmp_path: Path) -> None:
     report, st = check(tmp_path, tdx_host())
     assert (
@@ -400,9 +422,15 @@ def _guests(tmp_path: Path, vm: VmProc) -> tuple[int, dict[str, Any]]:
     return run.code, run.json()
 
 
-#: Descriptors the kernel names "kvm-..." that hold a VM without naming it
-#: (virt/kvm/kvm_main.c): statistics of a vCPU or a VM, a KVM device (kvm-vfio on x86).
-HOLDING = ["anon_inode:kvm-vcpu-stats:3", "anon_inode:kvm-vm-stats", "anon_inode:kvm-vfio"]
+#: Descriptors that hold a VM without naming it (virt/kvm/kvm_main.c): statistics of a
+#: vCPU or a VM, x86's KVM device, and guest_memfd (an anon inode, later a pseudo file).
+HOLDING = [
+    "anon_inode:kvm-vcpu-stats:3",
+    "anon_inode:kvm-vm-stats",
+    "anon_inode:kvm-vfio",
+    "anon_inode:[kvm-gmem]",
+    "/[kvm-gmem] (deleted)",
+]
 
 
 @pytest.mark.parametrize("link", HOLDING)
@@ -432,9 +460,39 @@ def test_a_vm_held_only_by_descriptors_that_name_none_leaves_enumeration_incompl
     assert st["guests.vm"] == "unknown"
 
 
+def test_a_td_held_only_by_its_guest_memfd_is_never_no_td(tmp_path: Path) -> None:
+    """Without debugfs or misc counts, a TD whose only descriptor left is a guest_memfd
+    was invisible: guests.td and guests.teardown passed, exit 0."""
+    td = td_proc(vm_fds=[], extra_fds={40: "anon_inode:[kvm-gmem]"})
+    spec = tdx_host(processes=[td], debugfs_kvm=False, misc_capacity={}, misc_current={})
+    report, st = check(tmp_path, spec)
+    assert st["guests.td"] == "unknown" and st["guests.teardown"] == "unknown"
+    assert report["exit_code"] == 3
+
+
+def test_more_statistics_descriptors_than_vms_named_leave_enumeration_incomplete(
+    tmp_path: Path,
+) -> None:
+    """Two kvm-vcpu-stats:0 beside one VM: a second VM (its kvm-vm and vCPU descriptors
+    closed) lives on through its statistics descriptor. guest_memfd descriptors, several
+    per VM, count nothing."""
+    stats = {40: "anon_inode:kvm-vcpu-stats:0"}
+    gmem = {41: "anon_inode:[kvm-gmem]", 42: "anon_inode:[kvm-gmem]"}
+    vm = VmProc(pid=5000, cmdline=qemu_vm_cmdline("a"), extra_fds={**stats, **gmem})
+    code, data = _guests(tmp_path, vm)
+    e = data["enumeration"]
+    assert code == 3 and e["unseen"] == [5000], e
+    assert "are kvm-vcpu-stats:0, more than the 1 VM named" in e["problem"]
+    vm.extra_fds = gmem
+    code, data = _guests(tmp_path / "gmem", vm)
+    assert code == 0 and data["enumeration"]["complete"] and len(data["guests"]) == 1
+
+
 @pytest.mark.parametrize(
     "link",
     [
+        "anon_inode:kvm-vmx",
+        "anon_inode:kvm-arm-vgic-v3",
         "anon_inode:kvm-vcpu-stats:x",
         "anon_inode:kvm-vcpu-stats:",
         "anon_inode:kvm-vm-stats:1",

@@ -270,14 +270,25 @@ class VmLedger:
             return None
         cands.sort(key=lambda e: e.tid != tid)  # the creating thread's own first
         for fresh in (False, True):
+            gone: list[Entry] = []
             for e in cands:
                 # A vCPU-held VM's kvm-vm fd is gone already: that proves nothing here.
                 if e.vm_fd is None or e.pid is None or e.vcpu_only:
                     continue
                 fds = fds_of(e.pid, fresh)
-                if fds is None or (isinstance(fds, frozenset) and e.vm_fd not in fds):
+                if fds is None:  # the process has gone: every VM it held goes, in any order
                     self.destroy(e, by="event")
                     return e
+                if isinstance(fds, frozenset) and e.vm_fd not in fds:
+                    gone.append(e)
+            if len(gone) > 1:
+                # Two of a live process's VMs lost their kvm-vm descriptor: one may live
+                # on through vCPU or statistics descriptors. Which one died, a reconcile
+                # decides; removing the first could drop a live TD.
+                return None
+            if gone:
+                self.destroy(gone[0], by="event")
+                return gone[0]
         for e in cands:
             if e.vm_fd is None:  # never seen with a descriptor: the event can only be its
                 self.destroy(e, by="event")

@@ -1,7 +1,7 @@
 """KVM VMs: enumeration (debugfs and /proc/*/fd together).
 
 The rules are DESIGN.md's "VM enumeration"; classifying the VMs it finds (TD or
-not) is readers/vmclass.py, whose names this module re-exports for its callers.
+not) is readers/vmclass.py.
 """
 
 import os
@@ -10,20 +10,6 @@ from typing import NamedTuple
 
 from .. import plural
 from ..host import Host, Problem, parse_uint
-from .vmclass import (  # noqa: F401  (re-exported: classification used to live here)
-    LIBVIRT_QEMU,
-    Guest,
-    LibvirtDomain,
-    Process,
-    classify,
-    cmdline_td_evidence,
-    options,
-    parse_cmdline,
-    parse_libvirt_status,
-    qemu_name,
-    read_libvirt,
-    read_process,
-)
 
 DEBUGFS_KVM = "sys/kernel/debug/kvm"
 #: What every KVM descriptor's link starts with (virt/kvm/kvm_main.c names its anon inodes
@@ -33,11 +19,16 @@ KVM_VM_LINK = "anon_inode:kvm-vm"
 KVM_VCPU_LINK = "anon_inode:kvm-vcpu:"
 #: Descriptors that keep a VM alive (each takes a reference on it) without naming it:
 #: statistics of a vCPU (KVM_GET_STATS_FD on a vCPU; QEMU 8.1 and later holds one per
-#: vCPU) or of a VM, and KVM devices (KVM_CREATE_DEVICE, named after kvm_device_ops:
-#: kvm-vfio on x86, kvm-arm-vgic-v3 and the like elsewhere).
+#: vCPU) or of a VM, and x86's one KVM device (KVM_CREATE_DEVICE, named after its
+#: kvm_device_ops: virt/kvm/vfio.c).
 KVM_VCPU_STATS_LINK = "anon_inode:kvm-vcpu-stats:"
 KVM_VM_STATS_LINK = "anon_inode:kvm-vm-stats"
-_KVM_DEVICE_LINK = re.compile(r"anon_inode:kvm-(?!vm\b|vcpu\b)[a-z0-9]+(?:-[a-z0-9]+)*")
+KVM_DEVICE_LINKS = frozenset({"anon_inode:kvm-vfio"})
+#: guest_memfd (KVM_CREATE_GUEST_MEMFD, a TD's private memory) holds its VM too. It was an
+#: anon inode named [kvm-gmem]; since guest_memfd has its own pseudo filesystem the link
+#: reads as a pseudo file's does (fs/file_table.c: simple_dname). A VMM holds several per
+#: VM, so they never count VMs, but held alone they mean one lives.
+KVM_GMEM_LINKS = frozenset({"anon_inode:[kvm-gmem]", "/[kvm-gmem] (deleted)"})
 _DEBUGFS_ENTRY = re.compile(r"(\d{1,10})-(\d{1,10})")
 
 
@@ -193,6 +184,37 @@ class KvmFds(NamedTuple):
         extra = len(fds) - len(self.vm)
         return sorted(fds, reverse=True)[:extra] if extra > 0 else []
 
+    def unnamed_vm(self) -> str | None:
+        """Why a VM lives here that no kvm-vm or vCPU descriptor names; None when none can.
+
+        The holding descriptors keep their VM alive: held alone, they prove one lives;
+        beside named VMs, more statistics descriptors of one kind (one vCPU index, or
+        the VM's) or more vfio devices than the VMs named prove one more. guest_memfd
+        descriptors count no VMs (a VMM holds several per VM).
+        """
+        if not self.holding:
+            return None
+        n, link = self.holding[0]
+        named = len(self.vm) + len(self.vcpu_only_vms())
+        if not named:
+            return (
+                f"descriptor {n} is {link.removeprefix('anon_inode:')} and none is kvm-vm or "
+                "a vCPU: a VM lives that no descriptor names"
+            )
+        kinds: dict[str, list[int]] = {}
+        for fd, what in self.holding:
+            if what not in KVM_GMEM_LINKS:
+                kinds.setdefault(what, []).append(fd)
+        for what, fds in kinds.items():
+            if len(fds) > named:
+                return (
+                    f"descriptors {', '.join(map(str, fds))} are "
+                    f"{what.removeprefix('anon_inode:')}, more than the "
+                    f"{plural(named, 'VM')} named: "
+                    "a VM lives that no descriptor names"
+                )
+        return None
+
 
 def kvm_fds(host: Host, pid: int) -> KvmFds | Problem:
     """The kvm-vm and kvm-vcpu descriptors of process `pid` (links in proc/PID/fd).
@@ -221,6 +243,8 @@ def kvm_fds(host: Host, pid: int) -> KvmFds | Problem:
             # Not a symlink, or unreadable: this descriptor could hold a VM.
             return Problem(link.kind, link.path, f"descriptor {fd!r}: {link.detail}")
         if not link.startswith(KVM_LINK_PREFIX):
+            if link in KVM_GMEM_LINKS and (n := parse_uint(fd, 10)) is not None:
+                holding.append((n, link))
             continue
         n = parse_uint(fd, 10)
         if n is not None and link == KVM_VM_LINK:
@@ -237,7 +261,7 @@ def kvm_fds(host: Host, pid: int) -> KvmFds | Problem:
                 link.startswith(KVM_VCPU_STATS_LINK)
                 and parse_uint(link[len(KVM_VCPU_STATS_LINK) :], 10) is not None
             )
-            or _KVM_DEVICE_LINK.fullmatch(link)
+            or link in KVM_DEVICE_LINKS
         ):
             holding.append((n, link))
             continue
@@ -300,15 +324,8 @@ def _from_proc(
             if fds.kind != "absent":  # absent: the process exited meanwhile
                 failed.append((pid, fds))
             continue
-        if fds.holding and not fds.vm and not fds.vcpus:
-            # Statistics or device descriptors alone: a VM lives (they hold it) that no
-            # descriptor here names, nor tells how many.
-            n, link = fds.holding[0]
-            why = (
-                f"descriptor {n} is {link.removeprefix('anon_inode:')} and none is kvm-vm or "
-                "a vCPU: a VM lives that no descriptor names"
-            )
-            failed.append((pid, Problem("partial", host.display(f"proc/{pid}/fd/{n}"), why)))
+        if unnamed := fds.unnamed_vm():
+            failed.append((pid, Problem("partial", host.display(f"proc/{pid}/fd"), unnamed)))
             continue
         vms.extend(
             VmHandle(None, n, pid, f"/proc/{pid}/fd/{n} -> {KVM_VM_LINK}") for n in sorted(fds.vm)

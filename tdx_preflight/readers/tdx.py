@@ -159,10 +159,11 @@ class _LogState:
         if _INITIALIZED.match(msg):
             self.state, self.line, self.failure, self.reason = "initialized", text, None, None
         elif msg == _UNSUPPORTED or msg.startswith(_UNSUPPORTED):
-            if self.state == "failed" and self.reason:
+            if self.state in ("failed", "not loaded"):
                 # 7.1+: tdx_init printed why (e.g. "initialization failed: Hibernation
-                # support is enabled") and left the platform flag unset, so the boot's
-                # tdx_enable then says "not supported": the reason is the better word.
+                # support is enabled", or "module not loaded") and left the platform flag
+                # unset, so the boot's tdx_enable then says "not supported": the failure
+                # said already is the better word.
                 return True
             self.state, self.line, self.failure = "unsupported", text, None
         elif fm := _FAILED.match(msg):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from ..host import Host, Problem, parse_uint
 from .cgroup import MiscRoot, misc_file, parse_misc, parse_proc_cgroup, tdx_count
 
-if TYPE_CHECKING:  # kvm.py re-exports this module's names: no import back at run time
+if TYPE_CHECKING:  # types only: xml.etree loads when a libvirt file is read
     from xml.etree.ElementTree import Element
 
     from .kvm import Enumeration, VmHandle
