@@ -142,6 +142,25 @@ SCENARIOS: dict[str, Scenario] = {
         {5000},
         ("images/s.qcow2",),
     ),
+    # A TD held by its guest_memfd alone, in the link form of guest_memfd's own pseudo
+    # filesystem (an absolute path no archive holds as a link), misc counts unavailable.
+    "gmem_held": Scenario(
+        lambda: tdx_host(
+            debugfs_kvm=False,
+            other_processes=20,
+            misc_capacity={},
+            misc_current={},
+            processes=[
+                VmProc(
+                    pid=4242,
+                    cmdline=qemu_td_cmdline("g"),
+                    vm_fds=[],
+                    extra_fds={40: "/[kvm-gmem] (deleted)"},
+                )
+            ],
+        ),
+        {4242},
+    ),
 }
 
 
@@ -280,7 +299,7 @@ def test_tree_holds_only_vm_holders_proc_entries(captured: Results, name: str) -
         fd = c.tree / "proc" / str(pid) / "fd"
         # Only KVM descriptors are kept; other links name files the checks never read.
         links = [os.readlink(link) for link in fd.glob("*")]
-        assert all(t.startswith("anon_inode:kvm-") for t in links), links
+        assert all(t.startswith(("anon_inode:kvm-", "anon_inode:[kvm-gmem]")) for t in links)
 
 
 def test_fillers_scanned_through_proc_are_dropped(captured: Results) -> None:

@@ -24,11 +24,17 @@ KVM_VCPU_LINK = "anon_inode:kvm-vcpu:"
 KVM_VCPU_STATS_LINK = "anon_inode:kvm-vcpu-stats:"
 KVM_VM_STATS_LINK = "anon_inode:kvm-vm-stats"
 KVM_DEVICE_LINKS = frozenset({"anon_inode:kvm-vfio"})
-#: guest_memfd (KVM_CREATE_GUEST_MEMFD, a TD's private memory) holds its VM too. It was an
-#: anon inode named [kvm-gmem]; since guest_memfd has its own pseudo filesystem the link
-#: reads as a pseudo file's does (fs/file_table.c: simple_dname). A VMM holds several per
-#: VM, so they never count VMs, but held alone they mean one lives.
+#: guest_memfd (a TD's private memory) holds its VM too: an anon inode [kvm-gmem], or since
+#: guest_memfd has its own pseudo filesystem, a pseudo file (fs/file_table.c simple_dname).
+#: A VMM holds several per VM: they never count VMs, but held alone they mean one lives.
 KVM_GMEM_LINKS = frozenset({"anon_inode:[kvm-gmem]", "/[kvm-gmem] (deleted)"})
+
+
+def is_kvm_link(link: str) -> bool:
+    """Whether kvm_fds reads this /proc/PID/fd link (a KVM form, or malformed as one)."""
+    return link.startswith(KVM_LINK_PREFIX) or link in KVM_GMEM_LINKS
+
+
 _DEBUGFS_ENTRY = re.compile(r"(\d{1,10})-(\d{1,10})")
 
 
@@ -162,8 +168,7 @@ def tgid_of(host: Host, tid: int) -> int | Problem:
 
 
 class KvmFds(NamedTuple):
-    """A process's KVM descriptors: kvm-vm fds, vCPU fds by vCPU index, and the
-    descriptors that hold a VM without naming it ((fd, link), statistics and devices)."""
+    """kvm-vm fds, vCPU fds by vCPU index, and (fd, link) of those holding a VM unnamed."""
 
     vm: frozenset[int]
     vcpus: dict[int, list[int]]
@@ -187,10 +192,9 @@ class KvmFds(NamedTuple):
     def unnamed_vm(self) -> str | None:
         """Why a VM lives here that no kvm-vm or vCPU descriptor names; None when none can.
 
-        The holding descriptors keep their VM alive: held alone, they prove one lives;
-        beside named VMs, more statistics descriptors of one kind (one vCPU index, or
-        the VM's) or more vfio devices than the VMs named prove one more. guest_memfd
-        descriptors count no VMs (a VMM holds several per VM).
+        Held alone, the holding descriptors prove a VM lives; beside named VMs, more of
+        one kind (a vCPU index's statistics, the VM's, vfio) than the VMs named prove one
+        more. guest_memfd descriptors count no VMs (a VMM holds several per VM).
         """
         if not self.holding:
             return None

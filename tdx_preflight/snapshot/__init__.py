@@ -22,7 +22,8 @@ How each kind of read is reproduced:
   failed other than "absent": a symlink to itself (an I/O problem on replay).
 - /proc: the entries of VM holders only (the processes and creating threads the
   enumeration found, and every process with a KVM descriptor); of their fd
-  links only the KVM ones (`anon_inode:kvm-...`, as readers/kvm.py reads them). Command
+  links only the KVM ones (`anon_inode:kvm-...` and guest_memfd's, as readers/kvm.py
+  reads them). Command
   lines are redacted to what the classifier reads, and libvirt's live XML to the
   elements it reads, unless asked to keep them.
 - MSRs: a sparse file with each value at offset = index (see plan.py's `_msr_plan` for what

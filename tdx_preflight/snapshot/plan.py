@@ -103,7 +103,7 @@ def vm_holders(rec: RecordingHost, facts: HostFacts) -> set[int]:
     held |= {v.tid for v in facts.enumeration.vms if v.tid is not None}
     for rel, target in rec.links.items():
         pid = _proc_pid(rel)
-        if pid is not None and target.startswith(kvm.KVM_LINK_PREFIX):
+        if pid is not None and kvm.is_kvm_link(target):
             held.add(pid)
     return held
 
@@ -262,8 +262,12 @@ def plan_tree(rec: RecordingHost, facts: HostFacts, keep_cmdlines: bool) -> tupl
     for rel, target in rec.links.items():
         if not wanted(rel):
             continue
-        if _PROC_FD.fullmatch(rel) and not target.startswith(kvm.KVM_LINK_PREFIX):
+        if _PROC_FD.fullmatch(rel) and not kvm.is_kvm_link(target):
             dropped_links += 1  # other descriptors name files and sockets the checks ignore
+        elif _PROC_FD.fullmatch(rel) and target in kvm.KVM_GMEM_LINKS:
+            # A guest_memfd: its pseudo-file form is an absolute path no archive holds as
+            # a link; the anon-inode form reads the same (kvm.KVM_GMEM_LINKS).
+            plan.add(rel, Node("link", "anon_inode:[kvm-gmem]"))
         elif target.startswith("/") or ".." in target.split("/"):
             notes.append(f"{rel} -> {target}: not written (a link out of the tree)")
         else:
