@@ -72,6 +72,10 @@ def module_version(facts: HostFacts) -> str | None:
     return tdx.version_key(facts.module.version)
 
 
+#: The TdxModule sources that read the running module's version (facts.module_state).
+_SYSFS_VERSIONS = frozenset({"tdx_host version", "firmware tdx_module status"})
+
+
 def shown_version(facts: HostFacts) -> str:
     """The module's version for a summary, saying when only the boot log names it."""
     mod = facts.module
@@ -85,14 +89,14 @@ def shown_version(facts: HostFacts) -> str:
 def vouched_evidence(facts: HostFacts, settings: Settings) -> dict[str, str] | None:
     """Evidence that the operator vouches for the module's TDH.SYS.DISABLE; None if not.
 
-    A version read from the kernel log never vouches: it is the module that booted, and
-    on the kernels that run TDH.SYS.DISABLE (7.2+) a runtime update replaces the module
-    without a new log line; only sysfs (tdx_host/version) names the running one.
+    Only a version sysfs reads vouches: one from the kernel log is the module that
+    booted, and on the kernels that run TDH.SYS.DISABLE (7.2+) a runtime update replaces
+    the module without a new log line; only sysfs (tdx_host/version) names the running one.
     """
     version = module_version(facts)
     if version is None or version not in settings.sys_disable_module_versions:
         return None
-    if facts.module.version_from == "kernel log":
+    if facts.module.version_from not in _SYSFS_VERSIONS:
         return None
     return {"module_version": version, "sys_disable_vouched_by": f"config {settings.config_file}"}
 

@@ -27,7 +27,8 @@ KVM_DEVICE_LINKS = frozenset({"anon_inode:kvm-vfio"})
 #: guest_memfd (a TD's private memory) holds its VM too: an anon inode [kvm-gmem], or since
 #: guest_memfd has its own pseudo filesystem, a pseudo file (fs/file_table.c simple_dname).
 #: A VMM holds several per VM: they never count VMs, but held alone they mean one lives.
-KVM_GMEM_LINKS = frozenset({"anon_inode:[kvm-gmem]", "/[kvm-gmem] (deleted)"})
+KVM_GMEM_LINK = "anon_inode:[kvm-gmem]"
+KVM_GMEM_LINKS = frozenset({KVM_GMEM_LINK, "/[kvm-gmem] (deleted)"})
 
 
 def is_kvm_link(link: str) -> bool:

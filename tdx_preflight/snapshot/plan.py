@@ -267,7 +267,7 @@ def plan_tree(rec: RecordingHost, facts: HostFacts, keep_cmdlines: bool) -> tupl
         elif _PROC_FD.fullmatch(rel) and target in kvm.KVM_GMEM_LINKS:
             # A guest_memfd: its pseudo-file form is an absolute path no archive holds as
             # a link; the anon-inode form reads the same (kvm.KVM_GMEM_LINKS).
-            plan.add(rel, Node("link", "anon_inode:[kvm-gmem]"))
+            plan.add(rel, Node("link", kvm.KVM_GMEM_LINK))
         elif target.startswith("/") or ".." in target.split("/"):
             notes.append(f"{rel} -> {target}: not written (a link out of the tree)")
         else:
